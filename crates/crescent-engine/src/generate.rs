@@ -1,19 +1,15 @@
-//! Single-request generation (spec §8.1): prefill the prompt after the cached image prefix,
-//! then sample typed tokens under the skill's constraints until eos, the token budget or the
-//! context end.
+//! Result and error types of a request, and [`Engine`]: the synchronous front of the scheduler
+//! (CLI, tests). The server uses [`crate::EngineHandle`], which runs the same scheduler on its
+//! own thread.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
-use crescent_image::Crops;
-use crescent_model::{KvCache, ModelError, Moondream, TextTokenizer, Token};
-use crescent_skills::{
-    Constraint, FinishReason, GenerationSettings, SettingsOverrides, SkillContext, SkillError,
-    SkillOutput, SkillRequest,
-};
+use crescent_image::{CropConfig, DecodeLimits, ImageError};
+use crescent_model::{ModelError, Moondream, TextTokenizer, Token};
+use crescent_skills::{FinishReason, SkillContext, SkillError, SkillOutput};
 
-use crate::sampler::{pick, SplitMix64};
+use crate::metrics::Metrics;
+use crate::scheduler::{EngineConfig, Event, ImageInput, Job, Scheduler};
 
 /// Errors of a generation request.
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +17,27 @@ pub enum EngineError {
     /// The request is invalid (the client's fault).
     #[error("{0}")]
     Skill(#[from] SkillError),
-    /// The model failed.
+    /// The model rejected or failed the request.
     #[error("{0}")]
     Model(#[from] ModelError),
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The image could not be decoded.
+    #[error("image: {0}")]
+    Image(#[from] ImageError),
+    /// Too many jobs are waiting.
+    #[error("the queue is full; retry later")]
+    QueueFull,
+    /// The request can never fit this engine (KV cache too small for it).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The engine is shutting down or gone.
+    #[error("the engine is not running")]
+    Unavailable,
+    /// An internal failure confined to this request.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl EngineError {
@@ -34,35 +45,25 @@ impl EngineError {
     pub fn is_client_error(&self) -> bool {
         match self {
             EngineError::Skill(e) => e.is_client_error(),
-            EngineError::Model(ModelError::Input(_)) => true,
+            EngineError::Model(ModelError::Input(_))
+            | EngineError::Image(_)
+            | EngineError::TooLarge(_) => true,
             _ => false,
         }
     }
 }
 
-/// An image after the vision encoder and the `[BOS] + image` prefill; reusable for any number
-/// of requests on the same image.
-#[derive(Clone, Debug)]
-pub struct EncodedImage {
-    /// Image-token embeddings `[g², D]`.
-    pub embeds: Tensor,
-    /// KV cache holding BOS + the image tokens.
-    pub cache: KvCache,
-    /// Tiling used.
-    pub tiling: (usize, usize),
-    /// Milliseconds spent in the vision encoder.
-    pub vision_ms: f64,
-    /// Milliseconds spent prefilling BOS + image.
-    pub prefill_ms: f64,
-}
-
-/// Wall-clock timings of one request.
+/// Wall-clock timings of one request in milliseconds.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
-    /// Prompt prefill (after the image prefix) until the first logits.
+    /// Submission → admission into the batch.
+    pub queue_ms: f64,
+    /// Admission → first token (vision, image and prompt prefill).
     pub prefill_ms: f64,
     /// First token → finish.
     pub decode_ms: f64,
+    /// Submission → finish.
+    pub total_ms: f64,
 }
 
 /// Optional per-step record for tests and debugging.
@@ -70,7 +71,7 @@ pub struct Timings {
 pub struct GenerationTrace {
     /// Logits at the last prompt position (before constraints).
     pub first_logits: Vec<f32>,
-    /// Maximum masked logit at every sampled step.
+    /// Maximum masked logit at every sampled step that had a choice.
     pub step_top1: Vec<f32>,
     /// Chosen bins of every coordinate (`[bin]`) and size (`[width bin, height bin]`) token.
     pub bins: Vec<Vec<usize>>,
@@ -91,23 +92,69 @@ pub struct Generation {
     pub input_tokens: usize,
     /// Sampled tokens including a final eos.
     pub output_tokens: usize,
+    /// Prompt positions reused from the prefix cache.
+    pub cached_tokens: usize,
     /// Timings.
     pub timings: Timings,
     /// Per-step record when requested.
     pub trace: Option<GenerationTrace>,
 }
 
-/// Runs requests on one loaded model.
+/// The crop geometry of a model.
+pub fn crop_config(model: &Moondream) -> CropConfig {
+    let v = &model.config.vision;
+    CropConfig {
+        crop_size: v.crop_size,
+        patch_size: v.enc_patch_size,
+        overlap_margin: v.overlap_margin,
+        max_crops: v.max_crops,
+    }
+}
+
+/// Decode and preprocess image bytes for `model`.
+pub fn prepare_image(
+    model: &Moondream,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<ImageInput, ImageError> {
+    let (rgb, crops) = crescent_image::preprocess(bytes, &crop_config(model), limits)?;
+    Ok(ImageInput::new(&rgb, crops))
+}
+
+/// Synchronous engine: submit a job and drive the scheduler until it completes.
 pub struct Engine {
     model: Arc<Moondream>,
     skills: SkillContext,
+    sched: Mutex<Scheduler>,
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
-    /// An engine over `model` with its tokenizer.
+    /// An engine over `model` with default sizing.
     pub fn new(model: Arc<Moondream>, tokenizer: Arc<TextTokenizer>) -> Self {
+        Self::with_config(model, tokenizer, EngineConfig::default())
+    }
+
+    /// An engine with explicit sizing.
+    pub fn with_config(
+        model: Arc<Moondream>,
+        tokenizer: Arc<TextTokenizer>,
+        cfg: EngineConfig,
+    ) -> Self {
         let skills = SkillContext::new(&model.config, tokenizer, &model.conventions);
-        Self { model, skills }
+        let metrics = Arc::new(Metrics::default());
+        let sched = Scheduler::new(
+            Arc::clone(&model),
+            skills.clone(),
+            cfg,
+            Arc::clone(&metrics),
+        );
+        Self {
+            model,
+            skills,
+            sched: Mutex::new(sched),
+            metrics,
+        }
     }
 
     /// The model.
@@ -120,167 +167,91 @@ impl Engine {
         &self.skills
     }
 
-    /// Run the vision encoder on preprocessed crops and prefill `[BOS] + image`.
-    pub fn encode_image(&self, crops: &Crops) -> Result<EncodedImage, EngineError> {
-        let t0 = Instant::now();
-        let pixels = crops.normalized_chw();
-        let embeds = self.model.encode_image(&pixels, crops.tiling, None)?;
-        let vision_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
-        let (cache, _) = self.model.prefill_image(&embeds, 0, None)?;
-        let prefill_ms = t1.elapsed().as_secs_f64() * 1e3;
-        Ok(EncodedImage {
-            embeds,
-            cache,
-            tiling: crops.tiling,
-            vision_ms,
-            prefill_ms,
-        })
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
-    /// Run one skill request to completion; `on_delta` receives streamed text.
-    pub fn generate(
-        &self,
-        image: Option<&EncodedImage>,
-        req: &SkillRequest,
-        overrides: &SettingsOverrides,
-        trace: bool,
-        mut on_delta: impl FnMut(&str),
-    ) -> Result<Generation, EngineError> {
-        let model = &self.model;
-        let tk = &model.config.tokenizer;
-        let max_context = model.config.text.max_context;
-        let (prompt, mut state, settings) = self.skills.start(req, overrides, image.is_some())?;
-        let GenerationSettings {
-            temperature,
-            top_p,
-            max_new_tokens,
-            seed,
-        } = settings;
-        let t0 = Instant::now();
-        // Prefill.
-        let (mut cache, hidden) = match image {
-            Some(img) => {
-                let need = img.cache.len() + prompt.tokens.len() + max_new_tokens + 1;
-                if img.cache.len() + prompt.tokens.len() >= max_context {
-                    return Err(ModelError::Input(format!(
-                        "prompt of {} positions does not fit the context of {max_context}",
-                        img.cache.len() + prompt.tokens.len()
-                    ))
-                    .into());
+    /// Decode and preprocess image bytes with default limits.
+    pub fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ImageError> {
+        prepare_image(&self.model, bytes, &DecodeLimits::default())
+    }
+
+    /// Run one job to completion; `on_delta` receives streamed text.
+    pub fn run(&self, job: Job, mut on_delta: impl FnMut(&str)) -> Result<Generation, EngineError> {
+        let mut sched = self.sched.lock().map_err(|_| EngineError::Unavailable)?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        sched.submit(job, tx)?;
+        loop {
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    Event::Delta(d) => on_delta(&d),
+                    Event::Done(r) => return *r,
                 }
-                let mut cache = img.cache.fork(need.min(max_context) - img.cache.len())?;
-                let h = model.forward_tokens(&prompt.tokens, &mut cache, None)?;
-                (cache, h)
             }
-            None => {
-                let mut toks = vec![Token::Text(tk.bos_id)];
-                toks.extend(prompt.tokens.iter().copied());
-                if toks.len() >= max_context {
-                    return Err(ModelError::Input(format!(
-                        "prompt of {} positions does not fit the context of {max_context}",
-                        toks.len()
-                    ))
-                    .into());
-                }
-                let mut cache = KvCache::new(
-                    &model.config.text,
-                    (toks.len() + max_new_tokens + 1).min(max_context),
-                )?;
-                let h = model.forward_tokens(&toks, &mut cache, None)?;
-                (cache, h)
-            }
-        };
-        let input_tokens = cache.len();
-        let mut h = hidden.get(hidden.dims()[0] - 1)?;
-        let mut logits = model.logits(&h)?;
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
-        let mut tr = trace.then(|| GenerationTrace {
-            first_logits: logits.clone(),
-            ..Default::default()
-        });
-        let mut rng = SplitMix64::new(seed.unwrap_or(0));
-        let mut ids = Vec::new();
-        let mut tokens = Vec::new();
-        let mut n_sampled = 0usize;
-        let finish = loop {
-            let constraint = state.constraint();
-            let id = match &constraint {
-                Constraint::Allow(allowed) if allowed.len() == 1 => allowed[0],
-                Constraint::Allow(allowed) => {
-                    let mut masked = vec![f32::NEG_INFINITY; logits.len()];
-                    for &a in allowed {
-                        if let Some(v) = logits.get(a as usize) {
-                            masked[a as usize] = *v;
-                        }
+            if !sched.step() {
+                // Nothing left to run, yet no result: the job was dropped.
+                while let Ok(ev) = rx.try_recv() {
+                    if let Event::Done(r) = ev {
+                        return *r;
                     }
-                    if let Some(t) = tr.as_mut() {
-                        t.step_top1
-                            .push(masked.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
-                    }
-                    pick(&masked, temperature, top_p, &mut rng) as u32
                 }
-                Constraint::Any => {
-                    if let Some(t) = tr.as_mut() {
-                        t.step_top1
-                            .push(logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
-                    }
-                    pick(&logits, temperature, top_p, &mut rng) as u32
-                }
-            };
-            n_sampled += 1;
-            if id == tk.eos_id {
-                break FinishReason::Stop;
+                return Err(EngineError::Internal(
+                    "job vanished from the scheduler".into(),
+                ));
             }
-            let tok = if id == tk.coord_id {
-                let bins = model.region.coord_logits(&h)?;
-                let b = pick(&bins, temperature, top_p, &mut rng);
-                if let Some(t) = tr.as_mut() {
-                    t.bins.push(vec![b]);
-                }
-                Token::Coord(model.region.coord_value(b))
-            } else if id == tk.size_id {
-                let (wl, hl) = model.region.size_logits(&h)?;
-                let wb = pick(&wl, temperature, top_p, &mut rng);
-                let hb = pick(&hl, temperature, top_p, &mut rng);
-                if let Some(t) = tr.as_mut() {
-                    t.bins.push(vec![wb, hb]);
-                }
-                Token::Size(model.region.size_value(wb), model.region.size_value(hb))
-            } else {
-                Token::Text(id)
-            };
-            state.consume(&tok)?;
-            ids.push(id);
-            tokens.push(tok);
-            if let Some(d) = state.take_delta() {
-                on_delta(&d);
-            }
-            if ids.len() >= max_new_tokens || cache.len() + 1 > max_context {
-                break FinishReason::Length;
-            }
-            let hs = model.forward_tokens(&[tok], &mut cache, None)?;
-            h = hs.get(0)?;
-            logits = model.logits(&h)?;
-        };
-        let output = state.finish(finish)?;
-        if let Some(d) = state.take_delta() {
-            on_delta(&d);
         }
-        let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-        Ok(Generation {
-            output,
-            finish,
-            ids,
-            tokens,
-            input_tokens,
-            output_tokens: n_sampled,
-            timings: Timings {
-                prefill_ms,
-                decode_ms,
-            },
-            trace: tr,
-        })
+    }
+
+    /// Run several jobs in one continuously batched loop; results in submission order.
+    pub fn run_many(&self, jobs: Vec<Job>) -> Vec<Result<Generation, EngineError>> {
+        let Ok(mut sched) = self.sched.lock() else {
+            return jobs.iter().map(|_| Err(EngineError::Unavailable)).collect();
+        };
+        let mut rxs = Vec::with_capacity(jobs.len());
+        let mut results: Vec<Option<Result<Generation, EngineError>>> =
+            Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            match sched.submit(job, tx) {
+                Ok(_) => results.push(None),
+                Err(e) => results.push(Some(Err(e))),
+            }
+            rxs.push(rx);
+        }
+        loop {
+            for (rx, slot) in rxs.iter_mut().zip(results.iter_mut()) {
+                while let Ok(ev) = rx.try_recv() {
+                    if let Event::Done(r) = ev {
+                        *slot = Some(*r);
+                    }
+                }
+            }
+            if results.iter().all(Option::is_some) || !sched.step() {
+                break;
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(EngineError::Internal(
+                        "job vanished from the scheduler".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// KV blocks in use (prefix cache included).
+    pub fn kv_blocks_used(&self) -> usize {
+        self.sched.lock().map(|s| s.kv_blocks_used()).unwrap_or(0)
+    }
+
+    /// Empty the prefix cache.
+    pub fn clear_prefix_cache(&self) {
+        if let Ok(mut s) = self.sched.lock() {
+            s.clear_prefix_cache();
+        }
     }
 }

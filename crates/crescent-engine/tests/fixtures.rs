@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crescent_engine::{EncodedImage, Engine};
-use crescent_image::{preprocess, CropConfig, DecodeLimits};
+use crescent_engine::{Engine, ImageInput, Job};
 use crescent_model::region::{coord_table, size_table};
 use crescent_model::{load_tokenizer, LoadOptions, Moondream, Token};
 use crescent_skills::{CaptionLength, SettingsOverrides, SkillRequest};
@@ -26,17 +25,10 @@ fn engine() -> Engine {
     Engine::new(Arc::new(model), Arc::new(tok))
 }
 
-fn encode(engine: &Engine, image: &str) -> EncodedImage {
-    let bytes = std::fs::read(fixture().join(image)).unwrap();
-    let v = &engine.model().config.vision;
-    let cfg = CropConfig {
-        crop_size: v.crop_size,
-        patch_size: v.enc_patch_size,
-        overlap_margin: v.overlap_margin,
-        max_crops: v.max_crops,
-    };
-    let (_, crops) = preprocess(&bytes, &cfg, &DecodeLimits::default()).unwrap();
-    engine.encode_image(&crops).unwrap()
+fn image(engine: &Engine, path: &str) -> ImageInput {
+    engine
+        .prepare_image(&std::fs::read(fixture().join(path)).unwrap())
+        .unwrap()
 }
 
 fn request(case: &Value) -> (SkillRequest, SettingsOverrides) {
@@ -112,26 +104,28 @@ fn same_output(got: &Value, want: &Value, tol: f64, path: &str) {
     }
 }
 
-fn check_case(engine: &Engine, images: &mut HashMap<String, EncodedImage>, case: &Value) {
+fn check_case(engine: &Engine, images: &mut HashMap<String, ImageInput>, case: &Value) {
     let id = case["id"].as_str().unwrap();
-    let image = case["image"].as_str().map(String::from);
-    let enc = image.as_ref().map(|p| {
+    let path = case["image"].as_str().map(String::from);
+    let img = path.as_ref().map(|p| {
         images
             .entry(p.clone())
-            .or_insert_with(|| encode(engine, p))
+            .or_insert_with(|| image(engine, p))
             .clone()
     });
-    if let (Some(e), Some(t)) = (&enc, case["preprocess"]["tiling"].as_array()) {
-        assert_eq!(
-            vec![e.tiling.0 as u64, e.tiling.1 as u64],
-            t.iter().map(|v| v.as_u64().unwrap()).collect::<Vec<_>>()
-        );
+    if let (Some(e), Some(t)) = (&img, case["preprocess"]["tiling"].as_array()) {
+        let want: Vec<usize> = t.iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(vec![e.crops.tiling.0, e.crops.tiling.1], want);
     }
-    let (req, ov) = request(case);
+    let (request, overrides) = request(case);
     let mut streamed = String::new();
-    let g = engine
-        .generate(enc.as_ref(), &req, &ov, true, |d| streamed.push_str(d))
-        .unwrap();
+    let job = Job {
+        request,
+        overrides,
+        image: img,
+        trace: true,
+    };
+    let g = engine.run(job, |d| streamed.push_str(d)).unwrap();
     let tr = g.trace.as_ref().unwrap();
     // Prompt length.
     assert_eq!(
@@ -262,4 +256,61 @@ fn every_fixture_case_matches_the_reference() {
         n += 1;
     }
     assert_eq!(n, 22);
+}
+
+/// Continuous batching: all cases (plus repeats, 32 jobs) in flight at once give exactly the
+/// single-request results, and every KV block returns to the pool afterwards.
+#[test]
+fn batched_jobs_equal_single_requests_and_free_their_blocks() {
+    let engine = engine();
+    let index = json(&fixture().join("expected/index.json"));
+    let mut images = HashMap::new();
+    let mut cases = Vec::new();
+    for c in index["cases"].as_array().unwrap() {
+        cases.push(json(&fixture().join(c["file"].as_str().unwrap())));
+    }
+    let n = cases.len();
+    for i in 0..(32 - n) {
+        cases.push(cases[i].clone());
+    }
+    let jobs: Vec<Job> = cases
+        .iter()
+        .map(|case| {
+            let path = case["image"].as_str().map(String::from);
+            let img = path.as_ref().map(|p| {
+                images
+                    .entry(p.clone())
+                    .or_insert_with(|| image(&engine, p))
+                    .clone()
+            });
+            let (request, overrides) = request(case);
+            Job {
+                request,
+                overrides,
+                image: img,
+                trace: false,
+            }
+        })
+        .collect();
+    let results = engine.run_many(jobs);
+    assert_eq!(results.len(), 32);
+    for (case, r) in cases.iter().zip(results) {
+        let g = r.unwrap();
+        same_output(
+            &g.output.to_json(),
+            &case["output"],
+            1e-6,
+            case["id"].as_str().unwrap(),
+        );
+        assert_eq!(g.finish.as_str(), case["stop_reason"].as_str().unwrap());
+    }
+    let m = engine.metrics();
+    use std::sync::atomic::Ordering::Relaxed;
+    // 7 distinct images: every other image job hits the prefix cache.
+    let image_jobs = cases.iter().filter(|c| c["image"].is_string()).count() as u64;
+    assert_eq!(m.vision_encodes.load(Relaxed), 7);
+    assert_eq!(m.prefix_misses.load(Relaxed), 7);
+    assert_eq!(m.prefix_hits.load(Relaxed), image_jobs - 7);
+    engine.clear_prefix_cache();
+    assert_eq!(engine.kv_blocks_used(), 0);
 }

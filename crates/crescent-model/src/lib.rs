@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod kv;
 pub mod layers;
 pub mod model;
 pub mod region;
@@ -19,8 +20,9 @@ pub mod weights;
 
 pub use config::{Config, Conventions};
 pub use error::{ModelError, Result};
+pub use kv::{KvPool, SeqKv};
 pub use layers::WeightStorage;
 pub use model::{load_tokenizer, LoadOptions, Moondream};
-pub use text::KvCache;
+pub use text::{KvCache, SeqInput};
 pub use tokenizer::TextTokenizer;
 pub use tokens::Token;

@@ -6,104 +6,48 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{
-    gelu_erf, gelu_tanh, softmax_last, store, upcast, LayerNorm, Linear, WeightStorage,
-};
+use crate::kv::{KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
+use crate::layers::{gelu_erf, gelu_tanh, store, upcast, LayerNorm, Linear, WeightStorage};
 use crate::weights::Checkpoint;
 
-/// Key/value cache of one sequence: per layer `[heads, capacity, head_dim]`, keys after RoPE,
-/// values after tau scaling (spec §6.9).
-#[derive(Clone, Debug)]
+/// A single sequence's KV cache with its own small pool (tests and one-off use; the engine
+/// shares one [`KvPool`] between all sequences).
+#[derive(Debug)]
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-    len: usize,
-    capacity: usize,
-    heads: usize,
-    head_dim: usize,
+    pool: KvPool,
+    seq: SeqKv,
 }
 
 impl KvCache {
-    /// An empty cache with room for `capacity` positions (it grows on demand).
+    /// An empty cache with room for `capacity` positions.
     pub fn new(cfg: &TextConfig, capacity: usize) -> Result<Self> {
-        let capacity = capacity.max(1);
-        let heads = cfg.n_kv_heads;
-        let head_dim = cfg.head_dim();
-        let mut k = Vec::with_capacity(cfg.n_layers);
-        let mut v = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
-            k.push(Tensor::zeros(
-                (heads, capacity, head_dim),
-                DType::F32,
-                &Device::Cpu,
-            )?);
-            v.push(Tensor::zeros(
-                (heads, capacity, head_dim),
-                DType::F32,
-                &Device::Cpu,
-            )?);
-        }
+        let bs = DEFAULT_BLOCK_SIZE;
+        let pool = KvPool::new(cfg, bs, capacity.max(1).div_ceil(bs));
         Ok(Self {
-            k,
-            v,
-            len: 0,
-            capacity,
-            heads,
-            head_dim,
+            pool,
+            seq: SeqKv::new(),
         })
     }
 
     /// Positions filled so far.
     pub fn len(&self) -> usize {
-        self.len
+        self.seq.len()
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.seq.is_empty()
     }
+}
 
-    /// A copy of the filled part with room for `extra` more positions (used to branch several
-    /// prompts off one cached image prefix).
-    pub fn fork(&self, extra: usize) -> Result<Self> {
-        let cap = (self.len + extra).max(1);
-        let mut out = Self {
-            k: Vec::with_capacity(self.k.len()),
-            v: Vec::with_capacity(self.v.len()),
-            len: self.len,
-            capacity: cap,
-            heads: self.heads,
-            head_dim: self.head_dim,
-        };
-        for (k, v) in self.k.iter().zip(&self.v) {
-            let nk = Tensor::zeros((self.heads, cap, self.head_dim), DType::F32, &Device::Cpu)?;
-            let nv = Tensor::zeros((self.heads, cap, self.head_dim), DType::F32, &Device::Cpu)?;
-            if self.len > 0 {
-                nk.slice_set(&k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                nv.slice_set(&v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-            }
-            out.k.push(nk);
-            out.v.push(nv);
-        }
-        Ok(out)
-    }
-
-    fn ensure(&mut self, n: usize) -> Result<()> {
-        if n <= self.capacity {
-            return Ok(());
-        }
-        let cap = n.max(2 * self.capacity);
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let extra = Tensor::zeros(
-                (self.heads, cap - self.capacity, self.head_dim),
-                DType::F32,
-                &Device::Cpu,
-            )?;
-            *t = Tensor::cat(&[&*t, &extra], 1)?;
-        }
-        self.capacity = cap;
-        Ok(())
-    }
+/// One sequence's part of a batched forward pass.
+pub struct SeqInput<'a> {
+    /// Input embeddings `[t, D]` for positions `kv.len() .. kv.len() + t`.
+    pub x: Tensor,
+    /// The sequence's KV blocks (room for `t` more positions is reserved on demand).
+    pub kv: &'a mut SeqKv,
+    /// Positions `< prefix_len` attend bidirectionally among themselves (BOS + image).
+    pub prefix_len: usize,
 }
 
 /// The MLP of one block.
@@ -302,39 +246,91 @@ impl TextDecoder {
         x: &Tensor,
         cache: &mut KvCache,
         prefix_len: usize,
-        mut trace: Option<&mut TextTrace>,
+        trace: Option<&mut TextTrace>,
     ) -> Result<Tensor> {
+        let t = x.dims()[0];
+        let need = cache.seq.blocks_needed(&cache.pool, t);
+        if need > cache.pool.free_blocks() {
+            let grow = KvPool::new(
+                &self.cfg,
+                cache.pool.block_size(),
+                cache.pool.total_blocks() + need,
+            );
+            let mut old = std::mem::replace(&mut cache.pool, grow);
+            let mut seq = SeqKv::new();
+            seq.reserve(&mut cache.pool, cache.seq.len())?;
+            seq.advance(cache.seq.len());
+            copy_seq(&old, &cache.seq, &mut cache.pool, &seq);
+            cache.seq.release(&mut old);
+            cache.seq = seq;
+        }
+        let mut seqs = [SeqInput {
+            x: x.clone(),
+            kv: &mut cache.seq,
+            prefix_len,
+        }];
+        let mut out = self.forward_batch(&mut cache.pool, &mut seqs, trace)?;
+        Ok(out.remove(0))
+    }
+
+    /// One batched forward pass over several sequences, each with its own positions, KV blocks
+    /// and prefix block; linear layers run over all rows at once, attention per sequence.
+    /// Returns each sequence's hidden states `[t_i, D]` (before `post_ln`).
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        seqs: &mut [SeqInput<'_>],
+        mut trace: Option<&mut TextTrace>,
+    ) -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
-        let (t, d) = x.dims2()?;
-        if d != cfg.dim {
-            return Err(ModelError::Input(format!(
-                "embeddings have width {d}, expected {}",
-                cfg.dim
-            )));
+        let mut rows = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let (t, d) = s.x.dims2()?;
+            if d != cfg.dim {
+                return Err(ModelError::Input(format!(
+                    "embeddings have width {d}, expected {}",
+                    cfg.dim
+                )));
+            }
+            let p0 = s.kv.len();
+            if p0 + t > cfg.max_context {
+                return Err(ModelError::Input(format!(
+                    "sequence length {} exceeds max_context {}",
+                    p0 + t,
+                    cfg.max_context
+                )));
+            }
+            s.kv.reserve(pool, t)?;
+            rows.push(RowSpan {
+                p0,
+                t,
+                prefix_len: s.prefix_len,
+            });
         }
-        let p0 = cache.len;
-        let s = p0 + t;
-        if s > cfg.max_context {
-            return Err(ModelError::Input(format!(
-                "sequence length {s} exceeds max_context {}",
-                cfg.max_context
-            )));
-        }
-        cache.ensure(s)?;
-        let rope = RopeTable::new(cfg, p0, t);
-        let mask = if t > 1 {
-            Some(build_mask(p0, t, prefix_len)?)
-        } else {
-            None
-        };
-        let mut x = x.clone();
+        let positions: Vec<usize> = rows.iter().flat_map(|r| r.p0..r.p0 + r.t).collect();
+        let rope = RopeTable::new(cfg, &positions);
+        let xs: Vec<&Tensor> = seqs.iter().map(|s| &s.x).collect();
+        let mut x = Tensor::cat(&xs, 0)?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.hidden_states.push(x.clone());
         }
         for (li, blk) in self.blocks.iter().enumerate() {
             let mut bt = trace.as_ref().map(|_| BlockTrace::default());
             let h = blk.ln.forward(&x)?;
-            let a = self.attention(&h, blk, li, cache, p0, &rope, mask.as_ref(), bt.as_mut())?;
+            let a = {
+                let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
+                self.attention(
+                    &h,
+                    blk,
+                    li,
+                    pool,
+                    &kvs,
+                    &rows,
+                    &positions,
+                    &rope,
+                    bt.as_mut(),
+                )?
+            };
             let m = match &blk.mlp {
                 Mlp::Dense { fc1, fc2 } => fc2.forward(&gelu_tanh(&fc1.forward(&h)?)?)?,
                 Mlp::Moe {
@@ -353,8 +349,14 @@ impl TextDecoder {
                 tr.hidden_states.push(x.clone());
             }
         }
-        cache.len = s;
-        Ok(x)
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for (s, r) in seqs.iter_mut().zip(&rows) {
+            s.kv.advance(r.t);
+            out.push(x.narrow(0, off, r.t)?);
+            off += r.t;
+        }
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -363,14 +365,15 @@ impl TextDecoder {
         h: &Tensor,
         blk: &TextBlock,
         li: usize,
-        cache: &mut KvCache,
-        p0: usize,
+        pool: &mut KvPool,
+        kvs: &[&SeqKv],
+        rows: &[RowSpan],
+        positions: &[usize],
         rope: &RopeTable,
-        mask: Option<&Tensor>,
         trace: Option<&mut BlockTrace>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let t = h.dims()[0];
+        let n = h.dims()[0];
         let nh = cfg.n_heads;
         let nkv = cfg.n_kv_heads;
         let hd = cfg.head_dim();
@@ -384,11 +387,11 @@ impl TextDecoder {
             } else {
                 gelu_erf(&qkv_t)?
             };
-            let tok = tw.forward(&act)?.tanh()?.flatten_all()?.to_vec1::<f32>()?; // [T, 2H]
-            let mut tq = vec![0f32; t * nh];
-            let mut tv = vec![0f32; t * nh];
-            for i in 0..t {
-                let lp = ((p0 + i) as f32 + 1.0).ln();
+            let tok = tw.forward(&act)?.tanh()?.flatten_all()?.to_vec1::<f32>()?; // [N, 2H]
+            let mut tq = vec![0f32; n * nh];
+            let mut tv = vec![0f32; n * nh];
+            for (i, &p) in positions.iter().enumerate() {
+                let lp = (p as f32 + 1.0).ln();
                 for hh in 0..nh {
                     let pos = sigmoid(blk.tau_alpha[hh] * lp) + 0.5;
                     tq[i * nh + hh] = tok[i * 2 * nh + hh] + pos;
@@ -399,99 +402,156 @@ impl TextDecoder {
         } else {
             (None, None)
         };
-        // Split heads into head-major layouts, apply tau and RoPE.
-        let mut q = vec![0f32; nh * t * hd];
-        let mut k = vec![0f32; nkv * t * hd];
-        let mut v = vec![0f32; nkv * t * hd];
-        for i in 0..t {
-            let row = &qkv[i * qkv_dim..(i + 1) * qkv_dim];
-            for hh in 0..nh {
-                let src = &row[hh * hd..(hh + 1) * hd];
-                let dst = &mut q[(hh * t + i) * hd..(hh * t + i + 1) * hd];
-                let f = tau_q.as_ref().map_or(1.0, |tq| tq[i * nh + hh]);
-                for (dv, sv) in dst.iter_mut().zip(src) {
-                    *dv = sv * f;
+        // Queries [N, H, hd] after tau and RoPE; keys after RoPE and values after tau go to the cache.
+        let mut q = vec![0f32; n * nh * hd];
+        let mut k_all = vec![0f32; n * nkv * hd];
+        let mut kbuf = vec![0f32; hd];
+        let mut vbuf = vec![0f32; hd];
+        let mut i = 0;
+        for (r, kv) in rows.iter().zip(kvs) {
+            for j in 0..r.t {
+                let row = &qkv[i * qkv_dim..(i + 1) * qkv_dim];
+                for hh in 0..nh {
+                    let dst = &mut q[(i * nh + hh) * hd..(i * nh + hh + 1) * hd];
+                    let f = tau_q.as_ref().map_or(1.0, |tq| tq[i * nh + hh]);
+                    for (dv, sv) in dst.iter_mut().zip(&row[hh * hd..(hh + 1) * hd]) {
+                        *dv = sv * f;
+                    }
+                    rope.apply(dst, i);
                 }
-                rope.apply(dst, i);
-            }
-            for hh in 0..nkv {
-                let ks = &row[(nh + hh) * hd..(nh + hh + 1) * hd];
-                let kd = &mut k[(hh * t + i) * hd..(hh * t + i + 1) * hd];
-                kd.copy_from_slice(ks);
-                rope.apply(kd, i);
-                let vs = &row[(nh + nkv + hh) * hd..(nh + nkv + hh + 1) * hd];
-                let vd = &mut v[(hh * t + i) * hd..(hh * t + i + 1) * hd];
-                let f = tau_v.as_ref().map_or(1.0, |tv| tv[i * nh + hh]);
-                for (dv, sv) in vd.iter_mut().zip(vs) {
-                    *dv = sv * f;
+                for hh in 0..nkv {
+                    kbuf.copy_from_slice(&row[(nh + hh) * hd..(nh + hh + 1) * hd]);
+                    rope.apply(&mut kbuf, i);
+                    k_all[(i * nkv + hh) * hd..(i * nkv + hh + 1) * hd].copy_from_slice(&kbuf);
+                    let f = tau_v.as_ref().map_or(1.0, |tv| tv[i * nh + hh]);
+                    for (dv, sv) in vbuf
+                        .iter_mut()
+                        .zip(&row[(nh + nkv + hh) * hd..(nh + nkv + hh + 1) * hd])
+                    {
+                        *dv = sv * f;
+                    }
+                    pool.write(kv, li, 0, hh, r.p0 + j, &kbuf);
+                    pool.write(kv, li, 1, hh, r.p0 + j, &vbuf);
                 }
+                i += 1;
             }
         }
-        let q = Tensor::from_vec(q, (nh, t, hd), &Device::Cpu)?;
-        let k = Tensor::from_vec(k, (nkv, t, hd), &Device::Cpu)?;
-        let v = Tensor::from_vec(v, (nkv, t, hd), &Device::Cpu)?;
-        cache.k[li].slice_set(&k, 1, p0)?;
-        cache.v[li].slice_set(&v, 1, p0)?;
-        let s = p0 + t;
-        let mut kk = cache.k[li].narrow(1, 0, s)?;
-        let mut vv = cache.v[li].narrow(1, 0, s)?;
-        if nkv != nh {
-            let rep = nh / nkv;
-            kk = kk
-                .unsqueeze(1)?
-                .repeat((1, rep, 1, 1))?
-                .reshape((nh, s, hd))?;
-            vv = vv
-                .unsqueeze(1)?
-                .repeat((1, rep, 1, 1))?
-                .reshape((nh, s, hd))?;
-        }
-        let kk = kk.contiguous()?;
-        let vv = vv.contiguous()?;
-        let mut scores = (q.matmul(&kk.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [H, T, S]
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = softmax_last(&scores)?;
-        let o = probs
-            .matmul(&vv)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((t, nh * hd))?;
+        let o = attend_all(pool, kvs, rows, li, &q, nh, nkv, hd);
+        let o = Tensor::from_vec(o, (n, nh * hd), &Device::Cpu)?;
         let out = blk.proj.forward(&o)?;
         if let Some(tr) = trace {
             tr.qkv = Some(qkv_t.clone());
             if let (Some(tq), Some(tv)) = (tau_q, tau_v) {
-                tr.tau_q = Some(Tensor::from_vec(tq, (t, nh), &Device::Cpu)?);
-                tr.tau_v = Some(Tensor::from_vec(tv, (t, nh), &Device::Cpu)?);
+                tr.tau_q = Some(Tensor::from_vec(tq, (n, nh), &Device::Cpu)?);
+                tr.tau_v = Some(Tensor::from_vec(tv, (n, nh), &Device::Cpu)?);
             }
-            tr.q_rot = Some(q.transpose(0, 1)?.contiguous()?);
-            tr.k_rot = Some(k.transpose(0, 1)?.contiguous()?);
+            tr.q_rot = Some(Tensor::from_vec(q, (n, nh, hd), &Device::Cpu)?);
+            tr.k_rot = Some(Tensor::from_vec(k_all, (n, nkv, hd), &Device::Cpu)?);
             tr.attn_out = Some(out.clone());
         }
         Ok(out)
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// Positions of one sequence inside a batched pass.
+#[derive(Clone, Copy, Debug)]
+struct RowSpan {
+    p0: usize,
+    t: usize,
+    prefix_len: usize,
 }
 
-/// Additive mask `[T, S]` for queries at `p0..p0+T` over keys `0..p0+T`: causal, plus full
-/// attention inside the first `prefix_len` positions.
-fn build_mask(p0: usize, t: usize, prefix_len: usize) -> Result<Tensor> {
-    let s = p0 + t;
-    let mut m = vec![0f32; t * s];
-    for i in 0..t {
-        let qi = p0 + i;
-        for j in 0..s {
-            let allowed = j <= qi || (qi < prefix_len && j < prefix_len);
-            if !allowed {
-                m[i * s + j] = f32::NEG_INFINITY;
+/// Copy the cached positions of `from` (in `src`) into `to` (in `dst`).
+fn copy_seq(src: &KvPool, from: &SeqKv, dst: &mut KvPool, to: &SeqKv) {
+    for l in 0..src.n_layers() {
+        for kv in 0..2 {
+            for h in 0..src.heads() {
+                for p in 0..from.len() {
+                    let v = src.vector(from, l, kv, h, p).to_vec();
+                    dst.write(to, l, kv, h, p, &v);
+                }
             }
         }
     }
-    Ok(Tensor::from_vec(m, (t, s), &Device::Cpu)?)
+}
+
+/// Attention of every query row against its own sequence's cached keys/values, in parallel over
+/// (row, head). Query at position p sees keys `0..=p`, or the whole prefix block when `p` lies in it.
+#[allow(clippy::too_many_arguments)]
+fn attend_all(
+    pool: &KvPool,
+    kvs: &[&SeqKv],
+    rows: &[RowSpan],
+    layer: usize,
+    q: &[f32],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut tasks = Vec::new();
+    let mut i = 0;
+    for (si, r) in rows.iter().enumerate() {
+        for j in 0..r.t {
+            let p = r.p0 + j;
+            let kmax = if p < r.prefix_len {
+                r.prefix_len.max(p + 1)
+            } else {
+                p + 1
+            };
+            tasks.push((si, i, kmax));
+            i += 1;
+        }
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    let group = nh / nkv;
+    out.par_chunks_mut(nh * hd)
+        .zip(tasks.par_iter())
+        .for_each(|(orow, &(si, ri, kmax))| {
+            let mut scores = vec![0f32; kmax];
+            let bs = pool.block_size();
+            for hh in 0..nh {
+                let kh = hh / group;
+                let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
+                let mut mx = f32::NEG_INFINITY;
+                for b in 0..kmax.div_ceil(bs) {
+                    let len = bs.min(kmax - b * bs);
+                    let keys = pool.block_run(kvs[si], layer, 0, kh, b, len);
+                    for (s, kvec) in keys.chunks_exact(hd).enumerate() {
+                        let d: f32 = qv.iter().zip(kvec).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        scores[b * bs + s] = d;
+                        mx = mx.max(d);
+                    }
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - mx).exp();
+                    sum += *s;
+                }
+                let o = &mut orow[hh * hd..(hh + 1) * hd];
+                o.fill(0.0);
+                for b in 0..kmax.div_ceil(bs) {
+                    let len = bs.min(kmax - b * bs);
+                    let vals = pool.block_run(kvs[si], layer, 1, kh, b, len);
+                    for (s, vvec) in vals.chunks_exact(hd).enumerate() {
+                        let w = scores[b * bs + s];
+                        for (ov, vv) in o.iter_mut().zip(vvec) {
+                            *ov += w * vv;
+                        }
+                    }
+                }
+                let inv = 1.0 / sum;
+                for ov in o.iter_mut() {
+                    *ov *= inv;
+                }
+            }
+        });
+    out
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 /// cos/sin of the rotary angles for a run of positions (f32, spec §6.6).
@@ -502,17 +562,17 @@ struct RopeTable {
 }
 
 impl RopeTable {
-    fn new(cfg: &TextConfig, p0: usize, t: usize) -> Self {
+    fn new(cfg: &TextConfig, positions: &[usize]) -> Self {
         let rot = cfg.rot_dim();
         let half = rot / 2;
         let theta = cfg.rope_theta as f32;
         let inv: Vec<f32> = (0..half)
             .map(|j| 1.0 / theta.powf((2 * j) as f32 / rot as f32))
             .collect();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for i in 0..t {
-            let p = (p0 + i) as f32;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            let p = p as f32;
             for f in &inv {
                 let a = p * f;
                 cos.push(a.cos());
