@@ -216,7 +216,10 @@ impl Scheduler {
         }
         // Every job must fit an empty pool on its own, or it would wait forever.
         let total = (prompt_len + settings.max_new_tokens).min(text.max_context);
-        if self.pool.blocks_for(total) + 1 > self.pool.total_blocks() {
+        // What admission needs in the worst case: its own blocks plus, for an image not yet
+        // cached, the image prefix's blocks.
+        let prefix_blocks = if prompt.image { self.pool.blocks_for(1 + n_img) } else { 0 };
+        if self.pool.blocks_for(total) + prefix_blocks > self.pool.total_blocks() {
             return Err(EngineError::TooLarge(format!(
                 "request needs {total} KV positions; the KV cache holds {}",
                 self.pool.total_blocks() * self.pool.block_size()

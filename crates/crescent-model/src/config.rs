@@ -461,19 +461,19 @@ impl Config {
         pos("vision.proj_inner_dim", v.proj_inner_dim);
         pos("region.coord_out_dim", r.coord_out_dim);
         pos("region.size_out_dim", r.size_out_dim);
-        if t.n_heads > 0 && t.dim % t.n_heads != 0 {
+        if t.n_heads > 0 && !t.dim.is_multiple_of(t.n_heads) {
             errs.push(format!(
                 "text.dim ({}) must be divisible by text.n_heads ({})",
                 t.dim, t.n_heads
             ));
         }
-        if t.n_heads > 0 && t.dim % t.n_heads == 0 && t.head_dim() % 4 != 0 {
+        if t.n_heads > 0 && t.dim.is_multiple_of(t.n_heads) && !t.head_dim().is_multiple_of(4) {
             errs.push(format!(
                 "text head_dim ({}) must be a multiple of 4 (rotary split-half)",
                 t.head_dim()
             ));
         }
-        if t.n_kv_heads > 0 && t.n_heads % t.n_kv_heads != 0 {
+        if t.n_kv_heads > 0 && !t.n_heads.is_multiple_of(t.n_kv_heads) {
             errs.push(format!(
                 "text.n_heads ({}) must be a multiple of text.n_kv_heads ({})",
                 t.n_heads, t.n_kv_heads
@@ -496,13 +496,13 @@ impl Config {
                 ));
             }
         }
-        if v.enc_n_heads > 0 && v.enc_dim % v.enc_n_heads != 0 {
+        if v.enc_n_heads > 0 && !v.enc_dim.is_multiple_of(v.enc_n_heads) {
             errs.push(format!(
                 "vision.enc_dim ({}) must be divisible by vision.enc_n_heads ({})",
                 v.enc_dim, v.enc_n_heads
             ));
         }
-        if v.enc_patch_size > 0 && v.crop_size % v.enc_patch_size != 0 {
+        if v.enc_patch_size > 0 && !v.crop_size.is_multiple_of(v.enc_patch_size) {
             errs.push(format!(
                 "vision.crop_size ({}) must be a multiple of vision.enc_patch_size ({})",
                 v.crop_size, v.enc_patch_size
@@ -527,19 +527,19 @@ impl Config {
                 r.dim, t.dim
             ));
         }
-        if r.coord_feat_dim == 0 || r.coord_feat_dim % 2 != 0 {
+        if r.coord_feat_dim == 0 || !r.coord_feat_dim.is_multiple_of(2) {
             errs.push(format!(
                 "region.coord_feat_dim ({}) must be a positive even number",
                 r.coord_feat_dim
             ));
         }
-        if r.size_feat_dim == 0 || r.size_feat_dim % 2 != 0 {
+        if r.size_feat_dim == 0 || !r.size_feat_dim.is_multiple_of(2) {
             errs.push(format!(
                 "region.size_feat_dim ({}) must be a positive even number",
                 r.size_feat_dim
             ));
         }
-        if r.size_out_dim % 2 != 0 {
+        if !r.size_out_dim.is_multiple_of(2) {
             errs.push(format!(
                 "region.size_out_dim ({}) must be even (width bins then height bins)",
                 r.size_out_dim

@@ -230,7 +230,7 @@ impl SeqKv {
             pool.retain(b);
             blocks.push(b);
         }
-        if self.len % bs != 0 {
+        if !self.len.is_multiple_of(bs) {
             let Some(nb) = pool.alloc() else {
                 for &b in &blocks {
                     pool.release(b);

@@ -12,6 +12,7 @@ pub mod kv;
 pub mod layers;
 pub mod model;
 pub mod region;
+pub mod synth;
 pub mod text;
 pub mod tokenizer;
 pub mod tokens;

@@ -166,7 +166,7 @@ impl VisionEncoder {
             }
         }
         let f = self.post_ln.forward(&x)?;
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.features = Some(f.clone());
         }
         Ok(f)
@@ -206,7 +206,7 @@ impl VisionEncoder {
             t.pooled = Some(pooled.clone());
         }
         let z = Tensor::cat(&[&global, &pooled], 1)?;
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.proj_in = Some(z.clone());
         }
         self.proj_fc2

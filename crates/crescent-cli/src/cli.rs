@@ -1,0 +1,230 @@
+//! Command-line arguments (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use crescent_model::hub::DEFAULT_MODEL;
+use crescent_model::WeightStorage;
+use crescent_skills::{CaptionLength, SpatialRef};
+
+/// Moondream 3 inference on the CPU.
+///
+/// Prints exactly one JSON object (the Moondream API shape) on stdout; logs, streamed text
+/// and statistics go to stderr.
+#[derive(Parser, Debug)]
+#[command(name = "crescent", version, propagate_version = true)]
+pub struct Cli {
+    /// More logging on stderr: -v info, -vv debug, -vvv trace (default: warnings only;
+    /// RUST_LOG, when set, takes precedence).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// The skill to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The skills.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Answer a question about an image (or a text-only question without --image).
+    Query(QueryArgs),
+    /// Caption an image.
+    Caption(CaptionArgs),
+    /// Detect objects: bounding boxes normalised to the image.
+    Detect(DetectArgs),
+    /// Point at objects: centre points normalised to the image.
+    Point(PointArgs),
+}
+
+impl Command {
+    /// The options shared by every skill.
+    pub fn common(&self) -> &CommonArgs {
+        match self {
+            Command::Query(a) => &a.common,
+            Command::Caption(a) => &a.common,
+            Command::Detect(a) => &a.common,
+            Command::Point(a) => &a.common,
+        }
+    }
+}
+
+/// `crescent query`.
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    /// Image file (PNG, JPEG, WebP, GIF, BMP, TIFF; `-` reads stdin). Without it the question
+    /// is answered from text alone.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// The question.
+    #[arg(long, value_name = "TEXT")]
+    pub question: String,
+    /// Grounded reasoning before the answer (adds "reasoning" to the output).
+    #[arg(long)]
+    pub reasoning: bool,
+    /// A point `x,y` or a box `x_min,y_min,x_max,y_max` (normalised to [0, 1]) the question
+    /// refers to; repeatable; needs --image.
+    #[arg(long = "spatial-ref", value_name = "X,Y[,X2,Y2]", value_parser = parse_spatial_ref, allow_negative_numbers = true)]
+    pub spatial_refs: Vec<SpatialRef>,
+    /// Print the answer text to stderr as it is generated.
+    #[arg(long)]
+    pub stream: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+}
+
+/// `crescent caption`.
+#[derive(Args, Debug)]
+pub struct CaptionArgs {
+    /// Image file (`-` reads stdin).
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// Caption length.
+    #[arg(long, value_name = "short|normal|long", default_value = "normal", value_parser = parse_length)]
+    pub length: CaptionLength,
+    /// Print the caption to stderr as it is generated.
+    #[arg(long)]
+    pub stream: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+}
+
+/// `crescent detect`.
+#[derive(Args, Debug)]
+pub struct DetectArgs {
+    /// Image file (`-` reads stdin).
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// What to detect.
+    #[arg(long, value_name = "TEXT")]
+    pub object: String,
+    /// Most boxes to return (default 50).
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<usize>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+}
+
+/// `crescent point`.
+#[derive(Args, Debug)]
+pub struct PointArgs {
+    /// Image file (`-` reads stdin).
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// What to point at.
+    #[arg(long, value_name = "TEXT")]
+    pub object: String,
+    /// Most points to return (default: limited by --max-tokens).
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<usize>,
+    /// A point `x,y` or a box `x_min,y_min,x_max,y_max` (normalised to [0, 1]) the prompt
+    /// refers to; repeatable.
+    #[arg(long = "spatial-ref", value_name = "X,Y[,X2,Y2]", value_parser = parse_spatial_ref, allow_negative_numbers = true)]
+    pub spatial_refs: Vec<SpatialRef>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+}
+
+/// Options shared by every skill: the model, sampling settings and output extras.
+#[derive(Args, Debug)]
+pub struct CommonArgs {
+    /// Model folder (config.json, model.safetensors or a sharded index, tokenizer.json) or a
+    /// Hugging Face Hub id (downloaded into the HF cache; HF_HUB_OFFLINE=1 uses the cache only).
+    #[arg(long, value_name = "DIR|ID", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Token budget (default 768; detect's budget follows --max-objects instead).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature, >= 0; 0 is greedy (default: 0.2 for query/caption, 0 for
+    /// detect/point).
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus mass in (0, 1] (default: 0.9 for query/caption, 1 for detect/point).
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Seed of the sampler (default 0).
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Print timings and token counts as one JSON line on stderr.
+    #[arg(long)]
+    pub stats: bool,
+    /// Follow the HF release / vLLM where public implementations disagree (exact-erf GELU in
+    /// the tau gate, `bin / bins` coordinates, unclamped boxes) instead of Kestrel.
+    #[arg(long)]
+    pub hf_conventions: bool,
+    /// How weights are held in memory: `checkpoint` keeps the stored dtype (bf16) and upcasts
+    /// per matmul; `f32` upcasts once at load (twice the memory).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = WeightsArg::Checkpoint)]
+    pub weights: WeightsArg,
+}
+
+/// `--weights` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightsArg {
+    /// Keep the checkpoint dtype.
+    Checkpoint,
+    /// Upcast to f32 at load.
+    F32,
+}
+
+impl From<WeightsArg> for WeightStorage {
+    fn from(w: WeightsArg) -> Self {
+        match w {
+            WeightsArg::Checkpoint => WeightStorage::Checkpoint,
+            WeightsArg::F32 => WeightStorage::F32,
+        }
+    }
+}
+
+/// Parse `x,y` or `x_min,y_min,x_max,y_max` into a validated spatial reference.
+fn parse_spatial_ref(s: &str) -> Result<SpatialRef, String> {
+    let values = s
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("{:?} is not a number", v.trim()))
+        })
+        .collect::<Result<Vec<f64>, String>>()?;
+    SpatialRef::from_values(&values).map_err(|e| e.to_string())
+}
+
+/// Parse a caption length (`short`, `normal` or `long`).
+fn parse_length(s: &str) -> Result<CaptionLength, String> {
+    s.parse::<CaptionLength>().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn spatial_refs_parse_and_validate() {
+        assert_eq!(
+            parse_spatial_ref("0.25, 0.5").unwrap(),
+            SpatialRef::Point { x: 0.25, y: 0.5 }
+        );
+        assert!(matches!(
+            parse_spatial_ref("0.1,0.2,0.3,0.4").unwrap(),
+            SpatialRef::Box { .. }
+        ));
+        assert!(parse_spatial_ref("2,3")
+            .unwrap_err()
+            .contains("outside [0, 1]"));
+        assert!(parse_spatial_ref("0.1,0.2,0.3").is_err());
+        assert!(parse_spatial_ref("a,b")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(parse_spatial_ref("0.5,0.5,0.1,0.9").is_err());
+    }
+}
