@@ -35,18 +35,118 @@ pub enum Command {
     Detect(DetectArgs),
     /// Point at objects: centre points normalised to the image.
     Point(PointArgs),
+    /// Write a random-weight checkpoint with the real tensor names, shapes and dtype.
+    SynthCheckpoint(SynthArgs),
+    /// Measure vision, prefill and decode speed against this machine's rooflines.
+    Bench(BenchArgs),
+    /// Serve the Moondream and OpenAI HTTP APIs with continuous batching.
+    Serve(ServeArgs),
+}
+
+/// `crescent serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Model folder or Hub id.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 2020)]
+    pub port: u16,
+    /// Most requests decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// KV cache size in MiB (default: a quarter of the memory available after loading the model).
+    #[arg(long)]
+    pub kv_cache_mb: Option<usize>,
+    /// Require this key (`X-Moondream-Auth: KEY` or `Authorization: Bearer KEY`) on every
+    /// endpoint but /health. Also read from CRESCENT_API_KEY.
+    #[arg(long, env = "CRESCENT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most requests waiting for a batch slot; beyond it requests get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Per-request deadline in seconds (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub request_timeout: u64,
+    /// Largest request body in MiB.
+    #[arg(long, default_value_t = 32)]
+    pub max_body_mb: usize,
+    /// Largest decoded image in megapixels.
+    #[arg(long, default_value_t = 50)]
+    pub max_image_mp: u64,
+    /// How weights are held in memory.
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = WeightsArg::Checkpoint)]
+    pub weights: WeightsArg,
+}
+
+/// `crescent bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model folder or Hub id.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Print one JSON object on stdout (the default prints it indented).
+    #[arg(long)]
+    pub json: bool,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub batch: Vec<usize>,
+    /// Decode steps timed per batch size (median).
+    #[arg(long, default_value_t = 8)]
+    pub decode_steps: usize,
+    /// Crops per vision-encoder batch.
+    #[arg(long, default_value_t = 4)]
+    pub crops: usize,
+    /// Timed repetitions of vision and prefill (median).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// KV cache size in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub kv_mb: usize,
+    /// An image for an end-to-end time-to-first-token measurement (caption, 1 token).
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// How weights are held in memory (`checkpoint`: the stored dtype; `f32`: upcast at load).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = WeightsArg::Checkpoint)]
+    pub weights: WeightsArg,
 }
 
 impl Command {
-    /// The options shared by every skill.
-    pub fn common(&self) -> &CommonArgs {
+    /// The options shared by every skill (`None` for the tool subcommands).
+    pub fn common(&self) -> Option<&CommonArgs> {
         match self {
-            Command::Query(a) => &a.common,
-            Command::Caption(a) => &a.common,
-            Command::Detect(a) => &a.common,
-            Command::Point(a) => &a.common,
+            Command::Query(a) => Some(&a.common),
+            Command::Caption(a) => Some(&a.common),
+            Command::Detect(a) => Some(&a.common),
+            Command::Point(a) => Some(&a.common),
+            _ => None,
         }
     }
+}
+
+/// `crescent synth-checkpoint`.
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Model size: `moondream3-preview` (real size, ≈ 18.5 GB) or `md3-medium` (real widths,
+    /// 6 vision and 6 text layers of which 2 dense).
+    #[arg(long, default_value = "moondream3-preview")]
+    pub preset: String,
+    /// Output folder (created).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Weight RNG seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest shard in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub shard_mb: u64,
+    /// tokenizer.json to copy next to the weights (default: a small byte-level BPE tokenizer
+    /// built in; the real one lives in the Hub repository moondream/starmie-v1).
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// `crescent query`.

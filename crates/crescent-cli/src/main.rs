@@ -14,9 +14,12 @@
 //! Errors are one `error: ...` line on stderr; the exit status is 2 for usage errors and 1 for
 //! runtime errors (101 for an internal panic).
 
+mod bench;
 mod cli;
 mod offline;
 mod run;
+mod serve;
+mod synth;
 
 use std::io::IsTerminal;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -127,7 +130,13 @@ fn real_main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    match run::run(&cli.command) {
+    let result = match &cli.command {
+        cli::Command::SynthCheckpoint(a) => synth::run(a),
+        cli::Command::Bench(a) => bench::run(a),
+        cli::Command::Serve(a) => serve::run(a),
+        cmd => run::run(cmd),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
             print_error(&format!("{error:#}"));

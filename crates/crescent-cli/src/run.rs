@@ -63,8 +63,8 @@ fn skill_failure(e: SkillError) -> Failure {
 }
 
 /// The request, image path and streaming flag of a command.
-fn request_of(cmd: &Command) -> (SkillRequest, Option<&Path>, bool) {
-    match cmd {
+fn request_of(cmd: &Command) -> Option<(SkillRequest, Option<&Path>, bool)> {
+    Some(match cmd {
         Command::Query(a) => (
             SkillRequest::Query {
                 question: a.question.clone(),
@@ -96,7 +96,8 @@ fn request_of(cmd: &Command) -> (SkillRequest, Option<&Path>, bool) {
             Some(a.image.as_path()),
             false,
         ),
-    }
+        _ => return None,
+    })
 }
 
 /// Sampling overrides from the common flags; `None` where a flag is absent, so the skill
@@ -175,8 +176,9 @@ fn ms(t: Instant) -> f64 {
 /// stderr when asked).
 pub fn run(cmd: &Command) -> Result<(), Failure> {
     let t_start = Instant::now();
-    let common = cmd.common();
-    let (req, image_path, stream) = request_of(cmd);
+    let not_skill = || Failure::usage(anyhow::anyhow!("not a skill command"));
+    let common = cmd.common().ok_or_else(not_skill)?;
+    let (req, image_path, stream) = request_of(cmd).ok_or_else(not_skill)?;
     let overrides = overrides_of(common);
     // Settings first: they need neither the model nor the image.
     let settings = resolve_settings(&req, &overrides).map_err(skill_failure)?;

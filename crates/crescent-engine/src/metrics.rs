@@ -150,7 +150,7 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, u64); 14] = [
+        let gauges: [(&str, &str, &str, u64); 13] = [
             (
                 "crescent_queue_depth",
                 "gauge",
@@ -229,16 +229,18 @@ impl Metrics {
                 "Batched decoder passes.",
                 g(&self.forward_passes),
             ),
-            (
-                "crescent_forward_seconds_total",
-                "counter",
-                "Seconds in batched decoder passes.",
-                g(&self.forward_us) / 1_000_000,
-            ),
         ];
         for (name, kind, help, v) in gauges {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
+        // Fractional seconds (an integer division would report 0 until a whole second).
+        let _ = writeln!(
+            s,
+            "# HELP crescent_forward_seconds_total Seconds in batched decoder passes.\n\
+             # TYPE crescent_forward_seconds_total counter\n\
+             crescent_forward_seconds_total {}",
+            g(&self.forward_us) as f64 / 1e6
+        );
         for (name, help, h) in [
             ("crescent_ttft_seconds", "Time to first token.", &self.ttft),
             (

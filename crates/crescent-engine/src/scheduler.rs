@@ -218,7 +218,11 @@ impl Scheduler {
         let total = (prompt_len + settings.max_new_tokens).min(text.max_context);
         // What admission needs in the worst case: its own blocks plus, for an image not yet
         // cached, the image prefix's blocks.
-        let prefix_blocks = if prompt.image { self.pool.blocks_for(1 + n_img) } else { 0 };
+        let prefix_blocks = if prompt.image {
+            self.pool.blocks_for(1 + n_img)
+        } else {
+            0
+        };
         if self.pool.blocks_for(total) + prefix_blocks > self.pool.total_blocks() {
             return Err(EngineError::TooLarge(format!(
                 "request needs {total} KV positions; the KV cache holds {}",

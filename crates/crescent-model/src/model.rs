@@ -206,6 +206,16 @@ impl Moondream {
         self.text.forward(&x, cache, 0, trace)
     }
 
+    /// Average bytes per weight element of the text decoder (2 for bf16, 4 for f32, ...).
+    pub fn text_weight_bytes_per_param(&self) -> f64 {
+        let (bytes, params) = self.text.weight_footprint();
+        if params == 0 {
+            0.0
+        } else {
+            bytes as f64 / params as f64
+        }
+    }
+
     /// Logits `[V]` of one pre-`post_ln` hidden state `[D]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         Ok(self

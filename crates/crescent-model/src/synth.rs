@@ -41,7 +41,12 @@ fn spec(out: &mut Vec<TensorSpec>, name: String, shape: Vec<usize>, init: Init) 
 
 fn linear(out: &mut Vec<TensorSpec>, prefix: &str, inp: usize, o: usize) {
     let std = 1.0 / (inp as f32).sqrt();
-    spec(out, format!("{prefix}.weight"), vec![o, inp], Init::Random(std));
+    spec(
+        out,
+        format!("{prefix}.weight"),
+        vec![o, inp],
+        Init::Random(std),
+    );
     spec(out, format!("{prefix}.bias"), vec![o], Init::Random(0.01));
 }
 
@@ -59,7 +64,12 @@ pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
     let c = v.enc_dim;
     let g = v.grid();
     linear(&mut s, "model.vision.patch_emb", v.patch_dim(), c);
-    spec(&mut s, "model.vision.pos_emb".into(), vec![1, g * g, c], Init::Random(0.02));
+    spec(
+        &mut s,
+        "model.vision.pos_emb".into(),
+        vec![1, g * g, c],
+        Init::Random(0.02),
+    );
     for i in 0..v.enc_n_layers {
         let p = format!("model.vision.blocks.{i}");
         norm(&mut s, &format!("{p}.ln1"), c);
@@ -71,10 +81,20 @@ pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
     }
     norm(&mut s, "model.vision.post_ln", c);
     linear(&mut s, "model.vision.proj_mlp.fc1", 2 * c, v.proj_inner_dim);
-    linear(&mut s, "model.vision.proj_mlp.fc2", v.proj_inner_dim, v.proj_out_dim);
+    linear(
+        &mut s,
+        "model.vision.proj_mlp.fc2",
+        v.proj_inner_dim,
+        v.proj_out_dim,
+    );
     let d = t.dim;
     let qkv = t.qkv_dim();
-    spec(&mut s, "model.text.wte".into(), vec![t.vocab_size, d], Init::Random(0.02));
+    spec(
+        &mut s,
+        "model.text.wte".into(),
+        vec![t.vocab_size, d],
+        Init::Random(0.02),
+    );
     for i in 0..t.n_layers {
         let p = format!("model.text.blocks.{i}");
         norm(&mut s, &format!("{p}.ln"), d);
@@ -82,17 +102,42 @@ pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
         linear(&mut s, &format!("{p}.attn.proj"), d, d);
         if t.tau_attn {
             let std = 1.0 / (qkv as f32).sqrt();
-            spec(&mut s, format!("{p}.attn.tau.wq"), vec![t.n_heads, qkv], Init::Random(std));
-            spec(&mut s, format!("{p}.attn.tau.wv"), vec![t.n_heads, qkv], Init::Random(std));
-            spec(&mut s, format!("{p}.attn.tau.alpha"), vec![t.n_heads], Init::Random(0.1));
+            spec(
+                &mut s,
+                format!("{p}.attn.tau.wq"),
+                vec![t.n_heads, qkv],
+                Init::Random(std),
+            );
+            spec(
+                &mut s,
+                format!("{p}.attn.tau.wv"),
+                vec![t.n_heads, qkv],
+                Init::Random(std),
+            );
+            spec(
+                &mut s,
+                format!("{p}.attn.tau.alpha"),
+                vec![t.n_heads],
+                Init::Random(0.1),
+            );
         }
         match &t.moe {
             Some(m) if i >= m.start_layer => {
                 linear(&mut s, &format!("{p}.mlp.router"), d, m.num_experts);
                 let e = m.num_experts;
                 let inner = m.expert_inner_dim;
-                spec(&mut s, format!("{p}.mlp.fc1.weight"), vec![e, 2 * inner, d], Init::Random(1.0 / (d as f32).sqrt()));
-                spec(&mut s, format!("{p}.mlp.fc2.weight"), vec![e, d, inner], Init::Random(1.0 / (inner as f32).sqrt()));
+                spec(
+                    &mut s,
+                    format!("{p}.mlp.fc1.weight"),
+                    vec![e, 2 * inner, d],
+                    Init::Random(1.0 / (d as f32).sqrt()),
+                );
+                spec(
+                    &mut s,
+                    format!("{p}.mlp.fc2.weight"),
+                    vec![e, d, inner],
+                    Init::Random(1.0 / (inner as f32).sqrt()),
+                );
             }
             _ => {
                 linear(&mut s, &format!("{p}.mlp.fc1"), d, t.ff_dim);
@@ -102,9 +147,24 @@ pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
     }
     norm(&mut s, "model.text.post_ln", d);
     linear(&mut s, "model.text.lm_head", d, t.vocab_size);
-    spec(&mut s, "model.region.coord_features".into(), vec![1, r.coord_feat_dim / 2], Init::Random(1.0));
-    spec(&mut s, "model.region.size_features".into(), vec![2, r.size_feat_dim / 2], Init::Random(1.0));
-    linear(&mut s, "model.region.coord_encoder", r.coord_feat_dim, r.dim);
+    spec(
+        &mut s,
+        "model.region.coord_features".into(),
+        vec![1, r.coord_feat_dim / 2],
+        Init::Random(1.0),
+    );
+    spec(
+        &mut s,
+        "model.region.size_features".into(),
+        vec![2, r.size_feat_dim / 2],
+        Init::Random(1.0),
+    );
+    linear(
+        &mut s,
+        "model.region.coord_encoder",
+        r.coord_feat_dim,
+        r.dim,
+    );
     linear(&mut s, "model.region.coord_decoder", r.dim, r.coord_out_dim);
     linear(&mut s, "model.region.size_encoder", r.size_feat_dim, r.dim);
     linear(&mut s, "model.region.size_decoder", r.dim, r.size_out_dim);
@@ -189,7 +249,11 @@ impl Rng {
     }
 }
 
-fn fill_bf16(spec: &TensorSpec, seed: u64, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+fn fill_bf16(
+    spec: &TensorSpec,
+    seed: u64,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let n = spec.numel();
     let mut rng = Rng(seed);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
@@ -229,7 +293,13 @@ fn fill_bf16(spec: &TensorSpec, seed: u64, mut sink: impl FnMut(&[u8]) -> std::i
 /// Write a random-weight checkpoint for `cfg` into `dir`: `config.json`, shards of at most
 /// `shard_bytes` (`model-0000i-of-0000n.safetensors`) and `model.safetensors.index.json`.
 /// `progress(done_bytes, total_bytes)` is called as data is written.
-pub fn write_checkpoint(cfg: &Config, dir: &Path, shard_bytes: u64, seed: u64, mut progress: impl FnMut(u64, u64)) -> Result<()> {
+pub fn write_checkpoint(
+    cfg: &Config,
+    dir: &Path,
+    shard_bytes: u64,
+    seed: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<()> {
     let io = |e: std::io::Error| ModelError::Checkpoint(format!("writing the checkpoint: {e}"));
     std::fs::create_dir_all(dir).map_err(io)?;
     let specs = tensor_specs(cfg);
@@ -243,7 +313,9 @@ pub fn write_checkpoint(cfg: &Config, dir: &Path, shard_bytes: u64, seed: u64, m
             shards.push(Vec::new());
             cur = 0;
         }
-        if let Some(v) = shards.last_mut() { v.push(s) }
+        if let Some(v) = shards.last_mut() {
+            v.push(s)
+        }
         cur += b;
     }
     let n = shards.len();
@@ -283,14 +355,19 @@ pub fn write_checkpoint(cfg: &Config, dir: &Path, shard_bytes: u64, seed: u64, m
         w.flush().map_err(io)?;
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(dir.join(crate::weights::INDEX_FILE), serde_json::to_string_pretty(&index).unwrap_or_default())
-        .map_err(io)?;
+    std::fs::write(
+        dir.join(crate::weights::INDEX_FILE),
+        serde_json::to_string_pretty(&index).unwrap_or_default(),
+    )
+    .map_err(io)?;
     std::fs::write(dir.join("config.json"), hf_config_json(cfg)).map_err(io)?;
     Ok(())
 }
 
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -310,12 +387,17 @@ mod tests {
 
     #[test]
     fn synthetic_fixture_sized_checkpoint_loads_with_every_tensor_used() {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/md3-tiny/config.json");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/md3-tiny/config.json");
         let cfg = Config::from_file(&p).unwrap();
         let dir = std::env::temp_dir().join(format!("crescent-synth-{}", std::process::id()));
         write_checkpoint(&cfg, &dir, 1 << 20, 7, |_, _| {}).unwrap();
         let ck = crate::weights::Checkpoint::open(&dir).unwrap();
-        let m = Moondream::from_checkpoint(Config::from_file(&dir.join("config.json")).unwrap(), &ck, &LoadOptions::default());
+        let m = Moondream::from_checkpoint(
+            Config::from_file(&dir.join("config.json")).unwrap(),
+            &ck,
+            &LoadOptions::default(),
+        );
         assert!(m.is_ok(), "{:?}", m.err());
         assert!(ck.unused().is_empty(), "{:?}", ck.unused());
         assert_eq!(Config::from_file(&dir.join("config.json")).unwrap(), cfg);

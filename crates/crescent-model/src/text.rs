@@ -2,12 +2,14 @@
 //! split-half RoPE, parallel residual blocks with dense or mixture-of-experts MLPs, final
 //! LayerNorm and LM head, and a per-sequence KV cache.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv::{KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
-use crate::layers::{gelu_erf, gelu_tanh, store, upcast, LayerNorm, Linear, WeightStorage};
+use crate::layers::{
+    attention_rows, gelu_erf, gelu_tanh, LayerNorm, Linear, Weight, WeightStorage,
+};
 use crate::weights::Checkpoint;
 
 /// A single sequence's KV cache with its own small pool (tests and one-off use; the engine
@@ -59,8 +61,8 @@ enum Mlp {
     },
     Moe {
         router: Linear,
-        fc1: Tensor,
-        fc2: Tensor,
+        fc1: Weight,
+        fc2: Weight,
         top_k: usize,
         inner: usize,
     },
@@ -118,7 +120,7 @@ pub struct TextTrace {
 pub struct TextDecoder {
     cfg: TextConfig,
     tau_gelu_tanh: bool,
-    wte: Tensor,
+    wte: Weight,
     blocks: Vec<TextBlock>,
     post_ln: LayerNorm,
     lm_head: Linear,
@@ -148,14 +150,14 @@ impl TextDecoder {
         let d = cfg.dim;
         let h = cfg.n_heads;
         let qkv_dim = cfg.qkv_dim();
-        let wte = store(ck.get("model.text.wte", &[cfg.vocab_size, d])?, ws)?;
+        let wte = Weight::load(ck, "model.text.wte", &[cfg.vocab_size, d], ws)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.text.blocks.{i}");
             let (tau_w, tau_alpha) = if cfg.tau_attn {
                 let wq = ck.get(&format!("{p}.attn.tau.wq"), &[h, qkv_dim])?;
                 let wv = ck.get(&format!("{p}.attn.tau.wv"), &[h, qkv_dim])?;
-                let w = store(Tensor::cat(&[&wq, &wv], 0)?, ws)?;
+                let w = Weight::from_tensor(&Tensor::cat(&[&wq, &wv], 0)?, ws)?;
                 let alpha = ck
                     .get_f32(&format!("{p}.attn.tau.alpha"), &[h])?
                     .to_vec1::<f32>()?;
@@ -173,18 +175,16 @@ impl TextDecoder {
                         true,
                         ws,
                     )?,
-                    fc1: store(
-                        ck.get(
-                            &format!("{p}.mlp.fc1.weight"),
-                            &[m.num_experts, 2 * m.expert_inner_dim, d],
-                        )?,
+                    fc1: Weight::load(
+                        ck,
+                        &format!("{p}.mlp.fc1.weight"),
+                        &[m.num_experts, 2 * m.expert_inner_dim, d],
                         ws,
                     )?,
-                    fc2: store(
-                        ck.get(
-                            &format!("{p}.mlp.fc2.weight"),
-                            &[m.num_experts, d, m.expert_inner_dim],
-                        )?,
+                    fc2: Weight::load(
+                        ck,
+                        &format!("{p}.mlp.fc2.weight"),
+                        &[m.num_experts, d, m.expert_inner_dim],
                         ws,
                     )?,
                     top_k: m.experts_per_token,
@@ -216,6 +216,29 @@ impl TextDecoder {
         })
     }
 
+    /// (bytes, elements) of the decoder's weight matrices.
+    pub fn weight_footprint(&self) -> (usize, usize) {
+        let mut ws: Vec<(usize, usize)> = vec![self.lm_head.footprint()];
+        for b in &self.blocks {
+            ws.push(b.qkv.footprint());
+            ws.push(b.proj.footprint());
+            match &b.mlp {
+                Mlp::Dense { fc1, fc2 } => {
+                    ws.push(fc1.footprint());
+                    ws.push(fc2.footprint());
+                }
+                Mlp::Moe {
+                    router, fc1, fc2, ..
+                } => {
+                    ws.push(router.footprint());
+                    ws.push((fc1.bytes(), fc1.rows() * fc1.cols()));
+                    ws.push((fc2.bytes(), fc2.rows() * fc2.cols()));
+                }
+            }
+        }
+        ws.iter().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TextConfig {
         &self.cfg
@@ -229,8 +252,12 @@ impl TextDecoder {
                 self.cfg.vocab_size
             )));
         }
-        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
-        Ok(self.wte.index_select(&idx, 0)?.to_dtype(DType::F32)?)
+        let d = self.cfg.dim;
+        let mut out = vec![0f32; ids.len() * d];
+        for (i, &id) in ids.iter().enumerate() {
+            self.wte.row_f32(id as usize, &mut out[i * d..(i + 1) * d]);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), d), &Device::Cpu)?)
     }
 
     /// Logits `[..., V]` of pre-`post_ln` hidden states `[..., D]`.
@@ -475,6 +502,9 @@ fn copy_seq(src: &KvPool, from: &SeqKv, dst: &mut KvPool, to: &SeqKv) {
     }
 }
 
+/// Sequences with at least this many new rows use the gathered GEMM attention path.
+const GATHER_MIN_ROWS: usize = 8;
+
 /// Attention of every query row against its own sequence's cached keys/values, in parallel over
 /// (row, head). Query at position p sees keys `0..=p`, or the whole prefix block when `p` lies in it.
 #[allow(clippy::too_many_arguments)]
@@ -489,64 +519,105 @@ fn attend_all(
     hd: usize,
 ) -> Vec<f32> {
     use rayon::prelude::*;
+    let mut out = vec![0f32; q.len()];
+    let group = nh / nkv;
+    // Long runs (prompt prefill): gather the sequence's keys/values once and use the GEMM path.
     let mut tasks = Vec::new();
     let mut i = 0;
     for (si, r) in rows.iter().enumerate() {
-        for j in 0..r.t {
-            let p = r.p0 + j;
-            let kmax = if p < r.prefix_len {
+        let kmax_of = |p: usize| {
+            if p < r.prefix_len {
                 r.prefix_len.max(p + 1)
             } else {
                 p + 1
-            };
-            tasks.push((si, i, kmax));
-            i += 1;
-        }
-    }
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; q.len()];
-    let group = nh / nkv;
-    out.par_chunks_mut(nh * hd)
-        .zip(tasks.par_iter())
-        .for_each(|(orow, &(si, ri, kmax))| {
-            let mut scores = vec![0f32; kmax];
-            let bs = pool.block_size();
-            for hh in 0..nh {
-                let kh = hh / group;
-                let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
-                let mut mx = f32::NEG_INFINITY;
-                for b in 0..kmax.div_ceil(bs) {
-                    let len = bs.min(kmax - b * bs);
-                    let keys = pool.block_run(kvs[si], layer, 0, kh, b, len);
-                    for (s, kvec) in keys.chunks_exact(hd).enumerate() {
-                        let d: f32 = qv.iter().zip(kvec).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        scores[b * bs + s] = d;
-                        mx = mx.max(d);
-                    }
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
-                let o = &mut orow[hh * hd..(hh + 1) * hd];
-                o.fill(0.0);
-                for b in 0..kmax.div_ceil(bs) {
-                    let len = bs.min(kmax - b * bs);
-                    let vals = pool.block_run(kvs[si], layer, 1, kh, b, len);
-                    for (s, vvec) in vals.chunks_exact(hd).enumerate() {
-                        let w = scores[b * bs + s];
-                        for (ov, vv) in o.iter_mut().zip(vvec) {
-                            *ov += w * vv;
-                        }
-                    }
-                }
-                let inv = 1.0 / sum;
-                for ov in o.iter_mut() {
-                    *ov *= inv;
+            }
+        };
+        if r.t >= GATHER_MIN_ROWS {
+            let s = (r.p0..r.p0 + r.t).map(kmax_of).max().unwrap_or(0);
+            let w = nh * hd;
+            let mut k = vec![0f32; s * w];
+            let mut v = vec![0f32; s * w];
+            for p in 0..s {
+                for h in 0..nh {
+                    k[p * w + h * hd..p * w + (h + 1) * hd].copy_from_slice(pool.vector(
+                        kvs[si],
+                        layer,
+                        0,
+                        h / group,
+                        p,
+                    ));
+                    v[p * w + h * hd..p * w + (h + 1) * hd].copy_from_slice(pool.vector(
+                        kvs[si],
+                        layer,
+                        1,
+                        h / group,
+                        p,
+                    ));
                 }
             }
-        });
+            let o = attention_rows(&q[i * w..(i + r.t) * w], &k, &v, r.t, s, nh, hd, |j| {
+                kmax_of(r.p0 + j)
+            });
+            out[i * w..(i + r.t) * w].copy_from_slice(&o);
+        } else {
+            for j in 0..r.t {
+                tasks.push((si, i + j, kmax_of(r.p0 + j)));
+            }
+        }
+        i += r.t;
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Short runs (decode): read keys/values in place from the paged blocks.
+    type Slot<'a> = (&'a mut [f32], (usize, usize, usize));
+    let mut slots: Vec<Slot<'_>> = Vec::with_capacity(tasks.len());
+    let mut rest: &mut [f32] = &mut out;
+    let mut consumed = 0;
+    for &(si, ri, km) in &tasks {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((ri - consumed) * nh * hd);
+        let (row, tail) = tail.split_at_mut(nh * hd);
+        slots.push((row, (si, ri, km)));
+        rest = tail;
+        consumed = ri + 1;
+    }
+    slots.into_par_iter().for_each(|(orow, (si, ri, kmax))| {
+        let mut scores = vec![0f32; kmax];
+        let bs = pool.block_size();
+        for hh in 0..nh {
+            let kh = hh / group;
+            let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
+            let mut mx = f32::NEG_INFINITY;
+            for b in 0..kmax.div_ceil(bs) {
+                let len = bs.min(kmax - b * bs);
+                let keys = pool.block_run(kvs[si], layer, 0, kh, b, len);
+                for (s, kvec) in keys.chunks_exact(hd).enumerate() {
+                    let d: f32 = qv.iter().zip(kvec).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    scores[b * bs + s] = d;
+                    mx = mx.max(d);
+                }
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            let o = &mut orow[hh * hd..(hh + 1) * hd];
+            o.fill(0.0);
+            for b in 0..kmax.div_ceil(bs) {
+                let len = bs.min(kmax - b * bs);
+                let vals = pool.block_run(kvs[si], layer, 1, kh, b, len);
+                for (s, vvec) in vals.chunks_exact(hd).enumerate() {
+                    let w = scores[b * bs + s];
+                    for (ov, vv) in o.iter_mut().zip(vvec) {
+                        *ov += w * vv;
+                    }
+                }
+            }
+            let inv = 1.0 / sum;
+            for ov in o.iter_mut() {
+                *ov *= inv;
+            }
+        }
+    });
     out
 }
 
@@ -601,8 +672,8 @@ impl RopeTable {
 fn moe(
     h: &Tensor,
     router: &Linear,
-    fc1: &Tensor,
-    fc2: &Tensor,
+    fc1: &Weight,
+    fc2: &Weight,
     top_k: usize,
     inner: usize,
     trace: Option<&mut BlockTrace>,
@@ -629,31 +700,35 @@ fn moe(
             groups[e].push((r as u32, weights[r * top_k + slot]));
         }
     }
-    let mut out = Tensor::zeros((t, d), DType::F32, &Device::Cpu)?;
+    let hs = h.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; t * d];
     for (e, rows) in groups.iter().enumerate() {
         if rows.is_empty() {
             continue;
         }
-        let idx = Tensor::from_vec(
-            rows.iter().map(|r| r.0).collect::<Vec<u32>>(),
-            rows.len(),
-            &Device::Cpu,
-        )?;
-        let w = Tensor::from_vec(
-            rows.iter().map(|r| r.1).collect::<Vec<f32>>(),
-            (rows.len(), 1),
-            &Device::Cpu,
-        )?;
-        let xe = h.index_select(&idx, 0)?;
-        let w1 = upcast(&fc1.get(e)?)?;
-        let u = xe.matmul(&w1.t()?)?;
+        let c = rows.len();
+        let mut xe = Vec::with_capacity(c * d);
+        for &(r, _) in rows {
+            xe.extend_from_slice(&hs[r as usize * d..(r as usize + 1) * d]);
+        }
+        let mut u = vec![0f32; c * 2 * inner];
+        fc1.matmul_rows(e * 2 * inner, 2 * inner, &xe, c, None, &mut u);
+        let u = Tensor::from_vec(u, (c, 2 * inner), &Device::Cpu)?;
         let a = u.narrow(1, 0, inner)?;
         let g = u.narrow(1, inner, inner)?;
-        let z = (gelu_erf(&a)? * (g + 1.0)?)?;
-        let w2 = upcast(&fc2.get(e)?)?;
-        let y = z.matmul(&w2.t()?)?.broadcast_mul(&w)?;
-        out = out.index_add(&idx, &y, 0)?;
+        let z = (gelu_erf(&a)? * (g + 1.0)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut y = vec![0f32; c * d];
+        fc2.matmul_rows(e * d, d, &z, c, None, &mut y);
+        for (k, &(r, w)) in rows.iter().enumerate() {
+            let o = &mut out[r as usize * d..(r as usize + 1) * d];
+            for (ov, yv) in o.iter_mut().zip(&y[k * d..(k + 1) * d]) {
+                *ov += w * yv;
+            }
+        }
     }
+    let out = Tensor::from_vec(out, (t, d), &Device::Cpu)?;
     if let Some(tr) = trace {
         tr.router_logits = Some(logits_t);
         tr.topk_weights = Some(Tensor::from_vec(weights, (t, top_k), &Device::Cpu)?);

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{gelu_tanh, softmax_last, LayerNorm, Linear, WeightStorage};
+use crate::layers::{attention_rows, gelu_tanh, LayerNorm, Linear, WeightStorage};
 use crate::weights::Checkpoint;
 
 /// One pre-norm transformer block of the encoder.
@@ -132,32 +132,24 @@ impl VisionEncoder {
         if let Some(t) = trace.as_deref_mut() {
             t.embed = Some(x.clone());
         }
-        let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             let h = blk.ln1.forward(&x)?;
-            let qkv = blk.qkv.forward(&h)?.reshape((n, g * g, 3, nh, hd))?;
-            let q = qkv
-                .narrow(2, 0, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?; // [n, nh, N, hd]
-            let k = qkv
-                .narrow(2, 1, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = qkv
-                .narrow(2, 2, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let probs = softmax_last(&scores)?;
-            let a = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((n, g * g, c))?;
+            let qkv = blk.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?; // [n·N, 3C]
+            let nt = g * g;
+            let mut att = Vec::with_capacity(n * nt * c);
+            for crop in 0..n {
+                let rows = &qkv[crop * nt * 3 * c..(crop + 1) * nt * 3 * c];
+                let mut q = Vec::with_capacity(nt * c);
+                let mut k = Vec::with_capacity(nt * c);
+                let mut vv = Vec::with_capacity(nt * c);
+                for r in rows.chunks_exact(3 * c) {
+                    q.extend_from_slice(&r[..c]);
+                    k.extend_from_slice(&r[c..2 * c]);
+                    vv.extend_from_slice(&r[2 * c..]);
+                }
+                att.extend(attention_rows(&q, &k, &vv, nt, nt, nh, hd, |_| nt));
+            }
+            let a = Tensor::from_vec(att, (n, nt, c), &Device::Cpu)?;
             x = (x + blk.proj.forward(&a)?)?;
             let h = blk.ln2.forward(&x)?;
             x = (&x + blk.fc2.forward(&gelu_tanh(&blk.fc1.forward(&h)?)?)?)?;

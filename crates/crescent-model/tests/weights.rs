@@ -15,7 +15,8 @@ fn broken(tag: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> PathBuf
     let dir = std::env::temp_dir().join(format!("crescent-weights-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
-    let mut t = candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut t =
+        candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
     edit(&mut t);
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     dir
@@ -44,12 +45,20 @@ fn missing_tensor_is_named() {
 #[test]
 fn wrong_shape_names_expected_and_found() {
     let dir = broken("shape", |t| {
-        t.insert("model.vision.blocks.0.attn.qkv.weight".into(), Tensor::zeros((96, 31), DType::BF16, &Device::Cpu).unwrap());
+        t.insert(
+            "model.vision.blocks.0.attn.qkv.weight".into(),
+            Tensor::zeros((96, 31), DType::BF16, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&dir);
     let msg = e.to_string();
     assert!(matches!(e, ModelError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("model.vision.blocks.0.attn.qkv.weight") && msg.contains("[96, 31]") && msg.contains("[96, 32]"), "{msg}");
+    assert!(
+        msg.contains("model.vision.blocks.0.attn.qkv.weight")
+            && msg.contains("[96, 31]")
+            && msg.contains("[96, 32]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -59,7 +68,10 @@ fn wrong_dtype_is_rejected() {
         t.insert("model.text.post_ln.weight".into(), x);
     });
     let e = load_err(&dir);
-    assert!(matches!(&e, ModelError::BadDtype { name, .. } if name == "model.text.post_ln.weight"), "{e}");
+    assert!(
+        matches!(&e, ModelError::BadDtype { name, .. } if name == "model.text.post_ln.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -83,13 +95,19 @@ fn truncated_or_garbage_file_is_a_clear_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let msg = Moondream::load(&dir, &LoadOptions::default()).unwrap_err().to_string();
+    let msg = Moondream::load(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("truncated"), "{msg}");
     std::fs::write(dir.join("model.safetensors"), b"not a checkpoint at all").unwrap();
-    let msg = Moondream::load(&dir, &LoadOptions::default()).unwrap_err().to_string();
+    let msg = Moondream::load(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("not a valid safetensors file"), "{msg}");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    let msg = Moondream::load(&dir, &LoadOptions::default()).unwrap_err().to_string();
+    let msg = Moondream::load(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("no model.safetensors"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -103,7 +121,12 @@ fn sharded_index_with_a_missing_shard_is_named() {
         r#"{"weight_map": {"model.text.wte": "model-00001-of-00002.safetensors"}}"#,
     )
     .unwrap();
-    let msg = Moondream::load(&dir, &LoadOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("missing checkpoint shard") && msg.contains("model-00001-of-00002"), "{msg}");
+    let msg = Moondream::load(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("missing checkpoint shard") && msg.contains("model-00001-of-00002"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,0 +1,72 @@
+//! Small shared helpers: raw output pointer shared across rayon tasks and
+//! per-thread scratch buffers.
+
+use std::cell::RefCell;
+
+/// A raw pointer to the output matrix that rayon tasks may share.
+///
+/// Every task writes a disjoint set of output elements (disjoint output
+/// columns and/or disjoint row ranges), so no two threads ever touch the same
+/// element; the pointer is only used while the `&mut [f32]` it came from is
+/// borrowed by the calling function.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+
+// SAFETY: see the type's doc — tasks write disjoint elements of a buffer that
+// outlives the parallel section (the caller holds its `&mut` borrow).
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above; sharing the pointer value itself is harmless.
+unsafe impl Sync for SyncPtr {}
+
+/// Per-thread reusable buffers (packed panels), so the hot path does not
+/// allocate (a 300 KB `Vec` would be an mmap + page faults on every call).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub(crate) a: Vec<f32>,
+    pub(crate) b: Vec<f32>,
+    pub(crate) t: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static CALL_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's call-level buffer (used by the calling thread
+/// for data shared by all tasks of one call, e.g. the re-laid-out `x`). Kept
+/// separate from [`with_scratch`] because the calling thread may also run
+/// tasks of the same call. Falls back to a temporary buffer on re-entrancy.
+pub(crate) fn with_call_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    CALL_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// Runs `f` with this thread's scratch buffers. If they are already in use
+/// (re-entrancy: a rayon worker that is waiting inside one of our parallel
+/// sections may steal a task that calls into the kernels again), `f` gets a
+/// fresh, temporary set instead of panicking.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+/// Grows `v` to at least `n` elements (contents unspecified) and returns the
+/// first `n`.
+pub(crate) fn ensure_len(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+pub(crate) fn div_ceil(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+pub(crate) fn round_up(a: usize, b: usize) -> usize {
+    a.div_ceil(b) * b
+}

@@ -1,0 +1,327 @@
+//! AVX2 + FMA (+ F16C) kernels.
+//!
+//! Every function here is an `unsafe fn` compiled with
+//! `#[target_feature(enable = "avx2,fma,f16c")]`. The shared safety contract
+//! (in addition to the pointer extents documented per function) is: **the
+//! caller has verified at runtime that the CPU supports AVX2, FMA and F16C**
+//! — `Isa::Avx2Fma` is only ever constructed after
+//! `is_x86_feature_detected!` confirmed all three (see `Isa::detect` and
+//! `matmul_forced`).
+
+use core::arch::x86_64::*;
+
+use crate::util::SyncPtr;
+use crate::weights::{WeightElem, WeightKind};
+
+/// Loads 16 consecutive weights starting at `p` as two f32 vectors.
+///
+/// f32 / f16: natural order (elements 0..8, 8..16). bf16: *de-interleaved*
+/// (elements 0,2,..,14 and 1,3,..,15) — this costs one shift and one AND for
+/// 16 weights instead of two zero-extends + two shifts; the `x` operand must
+/// be re-laid-out the same way (see `crate::gemv::deinterleave_x`).
+///
+/// # Safety
+/// `p .. p + 16` must be readable; CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16<W: WeightElem>(p: *const W) -> (__m256, __m256) {
+    match W::KIND {
+        WeightKind::F32 => {
+            let p = p.cast::<f32>();
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+        WeightKind::Bf16 => {
+            // Each 32-bit lane holds (elem 2i) in its low half and (elem 2i+1)
+            // in its high half; bf16 → f32 is "place in the high half".
+            let v = _mm256_loadu_si256(p.cast::<__m256i>());
+            let even = _mm256_slli_epi32(v, 16);
+            let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
+            (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+        }
+        WeightKind::F16 => {
+            let p = p.cast::<__m128i>();
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+            )
+        }
+    }
+}
+
+/// Horizontal sum of the 8 lanes.
+///
+/// # Safety
+/// CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Dot products of `R` rows of x with `NW` consecutive weight rows:
+/// `out[r][j] = Σ_t xp[r*k + t] · w[j*k + t]`.
+///
+/// While it computes, it software-prefetches the `NW` weight rows starting
+/// at `pf` (the next block, if not null) so that, when several row groups of
+/// x reuse one weight block, the DRAM stream of the next block overlaps the
+/// compute on this one (the hardware prefetcher alone does not run that far
+/// ahead).
+///
+/// # Safety
+/// `xp` must point to `R * k` readable floats (laid out as `load16::<W>`
+/// expects for the first `k & !15` elements of each row, natural order for
+/// the tail); `w` to `NW * k` readable weights; CPU features per module doc.
+/// `pf` may be anything (prefetches never fault; only wrapping arithmetic is
+/// done on it).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+unsafe fn gemv_block<W: WeightElem, const R: usize, const NW: usize>(
+    xp: *const f32,
+    k: usize,
+    w: *const W,
+    pf: *const W,
+    out: &mut [[f32; NW]; R],
+) {
+    let k16 = k & !15;
+    let mut acc = [[_mm256_setzero_ps(); NW]; R];
+    let mut kk = 0;
+    while kk < k16 {
+        // One prefetch per 64-byte line (every iteration for f32, every
+        // other one for 16-bit weights).
+        if !pf.is_null() && kk % (64 / core::mem::size_of::<W>()) == 0 {
+            for j in 0..NW {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(j * k + kk).cast::<i8>());
+            }
+        }
+        for j in 0..NW {
+            let (lo, hi) = load16(w.add(j * k + kk));
+            for r in 0..R {
+                let xr = xp.add(r * k + kk);
+                acc[r][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), acc[r][j]);
+                acc[r][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(8)), acc[r][j]);
+            }
+        }
+        kk += 16;
+    }
+    for r in 0..R {
+        for j in 0..NW {
+            let mut s = hsum(acc[r][j]);
+            for t in k16..k {
+                s += *xp.add(r * k + t) * (*w.add(j * k + t)).to_f32();
+            }
+            out[r][j] = s;
+        }
+    }
+}
+
+/// GEMV-style kernel for a range of output features: for every `o` in
+/// `o0..o1` and every row `r < rows`, `y[r*n + o] = x[r]·w[o] (+ bias[o])`.
+/// Each block of 4 weight rows (8 when `rows == 1`) is streamed from memory
+/// once and then reused (from L1/L2) for every pair of rows of x; the next
+/// block is software-prefetched meanwhile.
+///
+/// # Safety
+/// * CPU features per the module doc;
+/// * `xp.len() == rows * k`, laid out as `load16::<W>` expects;
+/// * `w.len() >= o1 * k`, `o0 <= o1 <= n`, `bias` (if any) has `n` elements;
+/// * `y.0` points to a live `rows * n` buffer and no other thread accesses
+///   columns `o0..o1` of it during this call.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_range<W: WeightElem>(
+    xp: &[f32],
+    rows: usize,
+    w: &[W],
+    k: usize,
+    n: usize,
+    o0: usize,
+    o1: usize,
+    bias: Option<&[f32]>,
+    y: SyncPtr,
+) {
+    debug_assert!(xp.len() == rows * k && w.len() >= o1 * k && o1 <= n);
+    macro_rules! block {
+        ($r:expr, $o:expr, $R:literal, $NW:literal) => {{
+            let mut res = [[0.0f32; $NW]; $R];
+            let pf = if $o + 2 * $NW <= o1 {
+                w.as_ptr().wrapping_add(($o + $NW) * k)
+            } else {
+                core::ptr::null()
+            };
+            gemv_block::<W, $R, $NW>(
+                xp.as_ptr().add($r * k),
+                k,
+                w.as_ptr().add($o * k),
+                pf,
+                &mut res,
+            );
+            for (i, row) in res.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    let b = bias.map_or(0.0, |b| b[$o + j]);
+                    *y.0.add(($r + i) * n + $o + j) = v + b;
+                }
+            }
+        }};
+    }
+    let mut o = o0;
+    // A single row of x: pure weight streaming; 8 weight rows at a time keep
+    // more independent DRAM streams in flight.
+    if rows == 1 {
+        while o + 8 <= o1 {
+            block!(0, o, 1, 8);
+            o += 8;
+        }
+    }
+    while o < o1 {
+        let quad = o1 - o >= 4;
+        let mut r = 0;
+        while r < rows {
+            // Groups of 2 rows × 4 weight rows = 8 accumulators: with x (4)
+            // and the converted weights (2) + mask that fills the 16 ymm
+            // registers without spills (3 × 4 spills: measured 2× slower).
+            let rc = if rows - r == 1 { 1 } else { 2 };
+            match (rc, quad) {
+                (1, true) => block!(r, o, 1, 4),
+                (_, true) => block!(r, o, 2, 4),
+                (1, false) => block!(r, o, 1, 1),
+                _ => block!(r, o, 2, 1),
+            }
+            r += rc;
+        }
+        o += if quad { 4 } else { 1 };
+    }
+}
+
+/// GEMM micro-kernel: a 6×16 tile of C (row stride `ldc`)
+/// `C = (init ? bias-or-0 : C) + Σ_kk a[kk*6 + i] · b[kk*16 + j]`.
+///
+/// # Safety
+/// * CPU features per the module doc;
+/// * `a` has `kc * 6` and `b` has `kc * 16` readable floats;
+/// * `c` is valid for reads and writes of 6 rows × 16 floats with stride
+///   `ldc`, not accessed concurrently by another thread;
+/// * `bias` is null or points to 16 readable floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+pub(crate) unsafe fn kernel_6x16(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: bool,
+    bias: *const f32,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    if init {
+        if !bias.is_null() {
+            let b0 = _mm256_loadu_ps(bias);
+            let b1 = _mm256_loadu_ps(bias.add(8));
+            acc = [[b0, b1]; 6];
+        }
+    } else {
+        for i in 0..6 {
+            acc[i][0] = _mm256_loadu_ps(c.add(i * ldc));
+            acc[i][1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+        }
+    }
+    for kk in 0..kc {
+        let bp = b.add(kk * 16);
+        let b0 = _mm256_loadu_ps(bp);
+        let b1 = _mm256_loadu_ps(bp.add(8));
+        let ap = a.add(kk * 6);
+        for i in 0..6 {
+            let ai = _mm256_broadcast_ss(&*ap.add(i));
+            acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+        }
+    }
+    for i in 0..6 {
+        _mm256_storeu_ps(c.add(i * ldc), acc[i][0]);
+        _mm256_storeu_ps(c.add(i * ldc + 8), acc[i][1]);
+    }
+}
+
+/// Loads 8 consecutive weights at `p` as f32 (natural order).
+///
+/// # Safety
+/// `p .. p + 8` readable; CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<W: WeightElem>(p: *const W) -> __m256 {
+    match W::KIND {
+        WeightKind::F32 => _mm256_loadu_ps(p.cast::<f32>()),
+        WeightKind::Bf16 => {
+            let v = _mm_loadu_si128(p.cast::<__m128i>());
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+        }
+        WeightKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())),
+    }
+}
+
+/// Packs one full 16-wide GEMM sliver: `dst[kk*16 + j] = f32(w[j*ldw + kk])`
+/// for `j < 16`, `kk < kcc` — converting and transposing 8×8 blocks in
+/// registers.
+///
+/// # Safety
+/// * CPU features per the module doc;
+/// * rows `w + j*ldw .. + kcc` readable for `j < 16`;
+/// * `dst` valid for `kcc * 16` writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack_b_sliver<W: WeightElem>(
+    w: *const W,
+    ldw: usize,
+    kcc: usize,
+    dst: *mut f32,
+) {
+    let k8 = kcc & !7;
+    for h in 0..2 {
+        let base = w.add(h * 8 * ldw);
+        let mut kk = 0;
+        while kk < k8 {
+            let r0 = load8(base.add(kk));
+            let r1 = load8(base.add(ldw + kk));
+            let r2 = load8(base.add(2 * ldw + kk));
+            let r3 = load8(base.add(3 * ldw + kk));
+            let r4 = load8(base.add(4 * ldw + kk));
+            let r5 = load8(base.add(5 * ldw + kk));
+            let r6 = load8(base.add(6 * ldw + kk));
+            let r7 = load8(base.add(7 * ldw + kk));
+            let t0 = _mm256_unpacklo_ps(r0, r1);
+            let t1 = _mm256_unpackhi_ps(r0, r1);
+            let t2 = _mm256_unpacklo_ps(r2, r3);
+            let t3 = _mm256_unpackhi_ps(r2, r3);
+            let t4 = _mm256_unpacklo_ps(r4, r5);
+            let t5 = _mm256_unpackhi_ps(r4, r5);
+            let t6 = _mm256_unpacklo_ps(r6, r7);
+            let t7 = _mm256_unpackhi_ps(r6, r7);
+            let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+            let u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+            let u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
+            let u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
+            let u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            let d = dst.add(kk * 16 + h * 8);
+            _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(d.add(16), _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(d.add(32), _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(d.add(48), _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(d.add(64), _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(d.add(80), _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(d.add(96), _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(d.add(112), _mm256_permute2f128_ps(u3, u7, 0x31));
+            kk += 8;
+        }
+        for kk in k8..kcc {
+            for j in 0..8 {
+                *dst.add(kk * 16 + h * 8 + j) = (*base.add(j * ldw + kk)).to_f32();
+            }
+        }
+    }
+}
