@@ -33,6 +33,8 @@ pub enum WeightData {
     F16(Vec<f16>),
     /// float32.
     F32(Vec<f32>),
+    /// Used in place from the memory-mapped checkpoint (bf16, f16 or f32 elements).
+    Mapped(crate::weights::MappedBytes, DType),
 }
 
 /// A row-major weight matrix `[rows, cols]` (a 3-D expert tensor `[E, r, c]` is held as
@@ -66,9 +68,37 @@ impl Weight {
         Ok(Self { data, rows, cols })
     }
 
-    /// Load `name` with `shape` from the checkpoint.
+    /// Load `name` with `shape` from the checkpoint: in place from the mapping when the storage
+    /// policy keeps the checkpoint dtype (and the data is aligned), else a converted copy.
     pub fn load(ck: &Checkpoint, name: &str, shape: &[usize], ws: WeightStorage) -> Result<Self> {
+        if ws == WeightStorage::Checkpoint {
+            let (m, dtype) = ck.mapped(name, shape)?;
+            let align = if dtype == DType::F32 { 4 } else { 2 };
+            if (m.bytes().as_ptr() as usize).is_multiple_of(align) {
+                let cols = *shape.last().unwrap_or(&1);
+                let rows = shape
+                    .iter()
+                    .product::<usize>()
+                    .checked_div(cols)
+                    .unwrap_or(0);
+                return Ok(Self {
+                    data: WeightData::Mapped(m, dtype),
+                    rows,
+                    cols,
+                });
+            }
+        }
         Self::from_tensor(&ck.get(name, shape)?, ws)
+    }
+
+    fn mapped_slice<T>(m: &crate::weights::MappedBytes) -> &[T] {
+        let b = m.bytes();
+        // SAFETY: `load` checked the alignment for T (2 or 4 bytes) and the checkpoint header
+        // check guarantees the range lies inside the mapping; every bit pattern is a valid
+        // bf16 / f16 / f32; the mapping lives as long as the Arc held here.
+        unsafe {
+            std::slice::from_raw_parts(b.as_ptr() as *const T, b.len() / std::mem::size_of::<T>())
+        }
     }
 
     /// Rows (output features).
@@ -87,6 +117,7 @@ impl Weight {
             WeightData::Bf16(v) => v.len() * 2,
             WeightData::F16(v) => v.len() * 2,
             WeightData::F32(v) => v.len() * 4,
+            WeightData::Mapped(m, _) => m.bytes().len(),
         }
     }
 
@@ -107,6 +138,33 @@ impl Weight {
             WeightData::Bf16(w) => crescent_kernels::matmul(x, n_rows, &w[r], n_out, c, bias, y),
             WeightData::F16(w) => crescent_kernels::matmul(x, n_rows, &w[r], n_out, c, bias, y),
             WeightData::F32(w) => crescent_kernels::matmul(x, n_rows, &w[r], n_out, c, bias, y),
+            WeightData::Mapped(m, DType::BF16) => crescent_kernels::matmul(
+                x,
+                n_rows,
+                &Self::mapped_slice::<bf16>(m)[r],
+                n_out,
+                c,
+                bias,
+                y,
+            ),
+            WeightData::Mapped(m, DType::F16) => crescent_kernels::matmul(
+                x,
+                n_rows,
+                &Self::mapped_slice::<f16>(m)[r],
+                n_out,
+                c,
+                bias,
+                y,
+            ),
+            WeightData::Mapped(m, _) => crescent_kernels::matmul(
+                x,
+                n_rows,
+                &Self::mapped_slice::<f32>(m)[r],
+                n_out,
+                c,
+                bias,
+                y,
+            ),
         }
     }
 
@@ -117,6 +175,15 @@ impl Weight {
             WeightData::Bf16(w) => out.iter_mut().zip(&w[r]).for_each(|(o, v)| *o = v.to_f32()),
             WeightData::F16(w) => out.iter_mut().zip(&w[r]).for_each(|(o, v)| *o = v.to_f32()),
             WeightData::F32(w) => out.copy_from_slice(&w[r]),
+            WeightData::Mapped(m, DType::BF16) => out
+                .iter_mut()
+                .zip(&Self::mapped_slice::<bf16>(m)[r])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            WeightData::Mapped(m, DType::F16) => out
+                .iter_mut()
+                .zip(&Self::mapped_slice::<f16>(m)[r])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            WeightData::Mapped(m, _) => out.copy_from_slice(&Self::mapped_slice::<f32>(m)[r]),
         }
     }
 }

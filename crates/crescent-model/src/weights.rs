@@ -1,15 +1,16 @@
 //! Checkpoint access: memory-mapped safetensors (single file or sharded), with every tensor's
 //! name, shape and dtype checked against what the model expects.
 //!
-//! Tensors are kept in the checkpoint's dtype (bf16 for the real model): the model upcasts per
-//! matmul, so memory stays ≈ the checkpoint size (spec §3; issue: no silent f32 copy).
+//! Large weights are used in place from the mapping, in the checkpoint's dtype (bf16 for the real
+//! model); the kernels convert in registers, so memory stays ≈ the checkpoint size.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
 
 use crate::error::{ModelError, Result};
 
@@ -18,10 +19,23 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// Name of the shard index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// The safetensors files of one model folder, opened lazily through mmap.
+/// Where one tensor lives.
+#[derive(Clone, Debug)]
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range inside the file.
+    start: usize,
+    end: usize,
+}
+
+/// The safetensors files of one model folder, memory-mapped. Large weights can be used in
+/// place ([`Checkpoint::mapped`]): the model then holds no copy, and its memory is the
+/// checkpoint's pages the OS keeps resident.
 pub struct Checkpoint {
-    st: MmapedSafetensors,
-    names: BTreeSet<String>,
+    maps: Vec<Arc<Mmap>>,
+    index: BTreeMap<String, Entry>,
     used: RefCell<BTreeSet<String>>,
     files: Vec<PathBuf>,
 }
@@ -30,8 +44,23 @@ impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
             .field("files", &self.files)
-            .field("tensors", &self.names.len())
+            .field("tensors", &self.index.len())
             .finish()
+    }
+}
+
+/// A tensor's bytes inside a memory-mapped checkpoint file.
+#[derive(Clone, Debug)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl MappedBytes {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.end]
     }
 }
 
@@ -107,17 +136,42 @@ impl Checkpoint {
 
     /// Open the given safetensors files as one checkpoint.
     pub fn open_files(files: &[PathBuf]) -> Result<Self> {
-        for f in files {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut index = BTreeMap::new();
+        for (fi, f) in files.iter().enumerate() {
             check_header(f)?;
+            let file = std::fs::File::open(f)
+                .map_err(|e| ModelError::Checkpoint(format!("cannot open {}: {e}", f.display())))?;
+            // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not
+            // being truncated or rewritten while the process runs.
+            let map = unsafe { Mmap::map(&file) }
+                .map_err(|e| ModelError::Checkpoint(format!("cannot map {}: {e}", f.display())))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+                    ModelError::Checkpoint(format!(
+                        "{}: invalid safetensors header: {e}",
+                        f.display()
+                    ))
+                })?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                index.insert(
+                    name,
+                    Entry {
+                        file: fi,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
+                );
+            }
+            maps.push(Arc::new(map));
         }
-        // SAFETY: the files are memory-mapped read-only; like every mmap-based loader we rely on
-        // them not being truncated while the process runs.
-        let st = unsafe { MmapedSafetensors::multi(files) }
-            .map_err(|e| ModelError::Checkpoint(format!("cannot read the checkpoint: {e}")))?;
-        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self {
-            st,
-            names,
+            maps,
+            index,
             used: RefCell::new(BTreeSet::new()),
             files: files.to_vec(),
         })
@@ -125,21 +179,23 @@ impl Checkpoint {
 
     /// Whether the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains(name)
+        self.index.contains_key(name)
     }
 
     /// Shape of `name` as stored.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.st.get(name).ok().map(|v| v.shape().to_vec())
+        self.index.get(name).map(|e| e.shape.clone())
     }
 
-    /// Load `name`, checking that its shape is `shape`; it keeps its stored dtype (bf16, f16 or f32).
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let view = self.st.get(name).map_err(|_| ModelError::MissingTensor {
-            name: name.to_string(),
-            expected: shape.to_vec(),
-        })?;
-        match view.dtype() {
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
+        let e = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+            })?;
+        match e.dtype {
             safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32 => {}
             other => {
                 return Err(ModelError::BadDtype {
@@ -148,19 +204,48 @@ impl Checkpoint {
                 })
             }
         }
-        if view.shape() != shape {
+        if e.shape != shape {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),
                 expected: shape.to_vec(),
-                found: view.shape().to_vec(),
+                found: e.shape.clone(),
             });
         }
-        let t = self
-            .st
-            .load(name, &Device::Cpu)
-            .map_err(|e| ModelError::Checkpoint(format!("cannot load `{name}`: {e}")))?;
         self.used.borrow_mut().insert(name.to_string());
-        Ok(t)
+        Ok(e)
+    }
+
+    /// Load (copy) `name`, checking that its shape is `shape`; it keeps its stored dtype
+    /// (bf16, f16 or f32).
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let e = self.entry(name, shape)?;
+        let dtype = match e.dtype {
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        let bytes = &self.maps[e.file][e.start..e.end];
+        Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
+            .map_err(|err| ModelError::Checkpoint(format!("cannot load `{name}`: {err}")))
+    }
+
+    /// `name`'s bytes in place (no copy) with its storage dtype, after the same checks as
+    /// [`Checkpoint::get`].
+    pub fn mapped(&self, name: &str, shape: &[usize]) -> Result<(MappedBytes, DType)> {
+        let e = self.entry(name, shape)?;
+        let dtype = match e.dtype {
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            _ => DType::F32,
+        };
+        Ok((
+            MappedBytes {
+                map: Arc::clone(&self.maps[e.file]),
+                start: e.start,
+                end: e.end,
+            },
+            dtype,
+        ))
     }
 
     /// Load `name` as f32 (for small vectors: norms, biases, Fourier features).
@@ -183,8 +268,8 @@ impl Checkpoint {
     /// Tensors of the file that were never loaded.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
-        self.names
-            .iter()
+        self.index
+            .keys()
             .filter(|n| !used.contains(*n))
             .cloned()
             .collect()
@@ -192,12 +277,12 @@ impl Checkpoint {
 
     /// Number of tensors in the checkpoint.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.index.len()
     }
 
     /// Whether the checkpoint holds no tensors.
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.index.is_empty()
     }
 }
 
