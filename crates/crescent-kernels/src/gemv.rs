@@ -75,7 +75,7 @@ pub(crate) fn gemv<W: WeightElem>(
         }
         // ~8 tasks per thread (load balance under work stealing; 1..64 per
         // thread measured the same on an idle machine), multiples of 8 output
-        // rows (the kernel's weight-row block), 8..512 rows each.
+        // rows (whole 4-row kernel blocks), 8..512 rows each.
         let chunk = round_up(div_ceil(n, threads * 8), 8).clamp(8, 512);
         let tasks = div_ceil(n, chunk);
         (0..tasks)

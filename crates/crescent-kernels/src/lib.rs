@@ -1,9 +1,64 @@
 //! # crescent-kernels
 //!
-//! CPU matmul kernels for crescent: `y = x · Wᵀ (+ bias)` with the weights in
-//! their storage dtype (bf16, f16 or f32) and all arithmetic in f32.
+//! CPU matmul kernels for crescent: `y = x · Wᵀ (+ bias)` (the `nn.Linear`
+//! layout, `w` is `[out_features, in_features]`) with the weights kept in
+//! their storage dtype (bf16, f16 or f32) and all arithmetic in f32. Pure
+//! Rust (`half`, `rayon`); no per-call upcast copy of the weights.
 //!
-//! (README section; numbers filled in below.)
+//! ## API
+//! * [`matmul_bf16`], [`matmul_f16`], [`matmul_f32`] — or generic
+//!   [`matmul`]`::<W>` over [`WeightElem`]. `y` is overwritten. Inconsistent
+//!   lengths panic (programmer error). Threads: rayon's current pool.
+//! * [`matmul_forced`] — same with an explicit [`Isa`] and [`Path`]
+//!   (tests / benchmarks); [`uses_gemv`] tells which path `matmul` takes.
+//! * [`bandwidth_gb_s`], [`gemm_peak_gflops`] — roofline probes for
+//!   `crescent bench` (≈ 0.3 s and ≈ 1 s).
+//!
+//! ## Kernels
+//! * **GEMV path** (`rows <= 16`, or x ≤ 1 MiB — e.g. ≤ 64 rows at
+//!   in = 2048; decode): weights are streamed from memory exactly once per
+//!   call, converted to f32 in registers (bf16: one AND + one shift per 16
+//!   weights, with x re-laid-out once per call to match the lane order), and
+//!   parallelised over chunks of output features. One row of x: each thread
+//!   reads its weight rows strictly sequentially with an 8 KiB software
+//!   prefetch. Several rows: blocks of 4 weight rows × 2 rows of x
+//!   (8 accumulators, no register spills), the next block prefetched.
+//! * **GEMM path** (prefill / vision): BLIS-style. Output features in
+//!   panels of ~256 (count rounded to a multiple of the thread count), rows
+//!   in tasks of ≤ 768; per K block (≤ 384) the task converts its weight
+//!   panel to f32 into a per-thread buffer (8×8 in-register transposes),
+//!   packs 96 rows of x, and runs a 6×16 AVX2 FMA micro-kernel (12 ymm
+//!   accumulators). Per-thread scratch is reused across calls (no
+//!   allocation in the hot path; re-entrant calls from rayon tasks are safe).
+//! * **ISA**: AVX2 + FMA + F16C detected at runtime; otherwise (or with
+//!   `CRESCENT_KERNELS_ISA=portable`) the same blocking in plain Rust that
+//!   LLVM auto-vectorises. Numerics: f32 accumulation; tests check every
+//!   path/ISA/dtype against an f64 reference (error ≤ 1e-5 · Σ|x·w|).
+//!
+//! ## Measured (`cargo run --release -p crescent-kernels --example kbench`)
+//! Dev VM: 2 cores of an AMD EPYC family 26 (Zen 5; it also has AVX-512,
+//! which is not used yet), 2 rayon threads, bf16 weights, median ms per
+//! call, weights rotated over ≥ 256 MiB so decode reads come from DRAM.
+//! The machine is shared and its DRAM bandwidth drifts (the probe read
+//! 50–74 GB/s within minutes), so ratios are approximate.
+//!
+//! | probe | value |
+//! |---|---|
+//! | streaming read bandwidth ([`bandwidth_gb_s`]) | 72 GB/s best (45–55 typical) |
+//! | f32 GEMM 2048³ ([`gemm_peak_gflops`]) | 212 GFLOP/s (1 thread: 114) |
+//!
+//! | weight (in→out) | rows=1 ms · GB/s | rows=4 GB/s | rows=16 GFLOP/s | rows=729 GFLOP/s | rows=2048 GFLOP/s |
+//! |---|---|---|---|---|---|
+//! | 2048→8192 (33.6 MB) | 0.55 · 60.5 | 37.8 | 200 | 235 | 230 |
+//! | 8192→2048 (33.6 MB) | 0.76 · 43.9 | 39.1 | 189 | 223 | 211 |
+//! | 2048→6144 (25.2 MB) | 0.54 · 46.7 | 39.3 | 211 | 230 | 222 |
+//! | 1152→4304 (9.9 MB)  | 0.23 · 43.0 | — | 178 | 234 | 214 (9477 rows) |
+//!
+//! Decode (rows=1) runs at 60–84 % of the best bandwidth probe of the same
+//! run (≈ 100 % of the probe on one thread: 36.6 vs 35–38 GB/s), i.e.
+//! 70–100× the 0.6 GB/s of candle's bf16 GEMV; GEMM reaches ~100 % of the
+//! 2048³ probe (≈ the AVX2 FMA peak, 2 × ~115 GFLOP/s). The portable
+//! fallback: rows=1 ≈ 33 GB/s, rows=729 ≈ 60 GFLOP/s.
 
 mod bench;
 mod gemm;
