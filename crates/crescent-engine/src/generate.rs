@@ -9,7 +9,7 @@ use crescent_model::{ModelError, Moondream, TextTokenizer, Token};
 use crescent_skills::{FinishReason, SkillContext, SkillError, SkillOutput};
 
 use crate::metrics::Metrics;
-use crate::scheduler::{EngineConfig, Event, ImageInput, Job, Scheduler};
+use crate::scheduler::{EngineConfig, Event, ImageInput, Scheduler, Submission};
 
 /// Errors of a generation request.
 #[derive(Debug, thiserror::Error)]
@@ -177,8 +177,13 @@ impl Engine {
         prepare_image(&self.model, bytes, &DecodeLimits::default())
     }
 
-    /// Run one job to completion; `on_delta` receives streamed text.
-    pub fn run(&self, job: Job, mut on_delta: impl FnMut(&str)) -> Result<Generation, EngineError> {
+    /// Run one job (a [`crate::Job`] or a [`crate::CustomJob`]) to completion; `on_delta`
+    /// receives streamed text.
+    pub fn run(
+        &self,
+        job: impl Into<Submission>,
+        mut on_delta: impl FnMut(&str),
+    ) -> Result<Generation, EngineError> {
         let mut sched = self.sched.lock().map_err(|_| EngineError::Unavailable)?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         sched.submit(job, tx)?;
@@ -204,7 +209,10 @@ impl Engine {
     }
 
     /// Run several jobs in one continuously batched loop; results in submission order.
-    pub fn run_many(&self, jobs: Vec<Job>) -> Vec<Result<Generation, EngineError>> {
+    pub fn run_many<J: Into<Submission>>(
+        &self,
+        jobs: Vec<J>,
+    ) -> Vec<Result<Generation, EngineError>> {
         let Ok(mut sched) = self.sched.lock() else {
             return jobs.iter().map(|_| Err(EngineError::Unavailable)).collect();
         };

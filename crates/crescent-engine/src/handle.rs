@@ -13,11 +13,11 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::generate::EngineError;
 use crate::metrics::Metrics;
-use crate::scheduler::{EngineConfig, Event, Job, Scheduler};
+use crate::scheduler::{EngineConfig, Event, Scheduler, Submission};
 
 enum Cmd {
     Submit(
-        Box<Job>,
+        Box<Submission>,
         tmpsc::UnboundedSender<Event>,
         oneshot::Sender<Result<Arc<AtomicBool>, EngineError>>,
     ),
@@ -111,12 +111,13 @@ impl EngineHandle {
         &self.metrics
     }
 
-    /// Submit a job; validation errors and a full queue are reported at once.
-    pub async fn submit(&self, job: Job) -> Result<JobStream, EngineError> {
+    /// Submit a job (a [`crate::Job`] or a [`crate::CustomJob`]); validation errors and a full
+    /// queue are reported at once.
+    pub async fn submit(&self, job: impl Into<Submission>) -> Result<JobStream, EngineError> {
         let (etx, erx) = tmpsc::unbounded_channel();
         let (otx, orx) = oneshot::channel();
         self.tx
-            .send(Cmd::Submit(Box::new(job), etx, otx))
+            .send(Cmd::Submit(Box::new(job.into()), etx, otx))
             .map_err(|_| EngineError::Unavailable)?;
         let cancel = orx.await.map_err(|_| EngineError::Unavailable)??;
         Ok(JobStream { rx: erx, cancel })
@@ -140,7 +141,14 @@ impl EngineHandle {
 fn handle(sched: &mut Scheduler, cmd: Cmd) {
     match cmd {
         Cmd::Submit(job, etx, otx) => {
-            let r = sched.submit(*job, etx).map(|a| a.cancel);
+            // A panic while validating one submission fails that submission, not the engine.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sched.submit(*job, etx).map(|a| a.cancel)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!("job submission panicked");
+                Err(EngineError::Internal("job submission panicked".into()))
+            });
             let _ = otx.send(r);
         }
         Cmd::ClearPrefixCache => sched.clear_prefix_cache(),
@@ -170,7 +178,11 @@ fn engine_loop(sched: &mut Scheduler, rx: mpsc::Receiver<Cmd>) {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             };
-            handle(sched, cmd);
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(sched, cmd)))
+                .is_err()
+            {
+                tracing::error!("engine command panicked; continuing");
+            }
         }
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sched.step()));
         if res.is_err() {

@@ -15,4 +15,4 @@ pub use generate::{
 };
 pub use handle::{EngineHandle, EngineStats, JobStream};
 pub use metrics::Metrics;
-pub use scheduler::{EngineConfig, Event, ImageInput, Job, Scheduler};
+pub use scheduler::{CustomJob, EngineConfig, Event, ImageInput, Job, Scheduler, Submission};

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub prefix_misses: AtomicU64,
     /// Images in the prefix cache.
     pub prefix_cache_entries: AtomicU64,
+    /// KV blocks held by the prefix cache (when idle, `kv_blocks_used` equals this).
+    pub prefix_cache_blocks: AtomicU64,
     /// Images run through the vision encoder.
     pub vision_encodes: AtomicU64,
     /// Microseconds spent in the vision encoder.
@@ -150,7 +152,7 @@ impl Metrics {
                 );
             }
         }
-        let gauges: [(&str, &str, &str, u64); 13] = [
+        let gauges: [(&str, &str, &str, u64); 14] = [
             (
                 "crescent_queue_depth",
                 "gauge",
@@ -210,6 +212,12 @@ impl Metrics {
                 "gauge",
                 "Images in the prefix cache.",
                 g(&self.prefix_cache_entries),
+            ),
+            (
+                "crescent_prefix_cache_blocks",
+                "gauge",
+                "KV blocks held by the prefix cache (all of kv_blocks_used when idle).",
+                g(&self.prefix_cache_blocks),
             ),
             (
                 "crescent_vision_encodes_total",

@@ -32,6 +32,11 @@ impl PrefixCache {
         self.entries.len()
     }
 
+    /// KV blocks held by the cached prefixes (shared with the jobs forked from them).
+    pub fn blocks(&self) -> usize {
+        self.entries.iter().map(|e| e.kv.blocks().len()).sum()
+    }
+
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

@@ -17,7 +17,8 @@ use candle_core::Tensor;
 use crescent_image::Crops;
 use crescent_model::{KvPool, ModelError, Moondream, SeqInput, SeqKv, Token};
 use crescent_skills::{
-    Constraint, FinishReason, GenerationSettings, SkillContext, SkillRequest, SkillState,
+    Constraint, FinishReason, GenerationSettings, Prompt, SkillContext, SkillError, SkillRequest,
+    SkillState,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -91,6 +92,60 @@ pub struct Job {
     pub image: Option<ImageInput>,
     /// Record logits and bins (tests, debugging).
     pub trace: bool,
+}
+
+/// A job whose skill the caller has already started: the engine runs `state` over `prompt`
+/// exactly as it runs a built-in skill (it is skill-agnostic). This is the extension point for
+/// skills defined outside `crescent-skills`, and what the fault-isolation tests use to inject a
+/// misbehaving skill state.
+pub struct CustomJob {
+    /// Skill name used in metrics (`crescent_requests_total{skill=...}`).
+    pub skill: &'static str,
+    /// The prompt (BOS is added by the engine; `prompt.image` requires `image`).
+    pub prompt: Prompt,
+    /// The started skill state.
+    pub state: Box<dyn SkillState>,
+    /// Resolved sampling settings.
+    pub settings: GenerationSettings,
+    /// The image, if the prompt has one.
+    pub image: Option<ImageInput>,
+    /// Record logits and bins (tests, debugging).
+    pub trace: bool,
+}
+
+impl std::fmt::Debug for CustomJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomJob")
+            .field("skill", &self.skill)
+            .field("prompt", &self.prompt)
+            .field("settings", &self.settings)
+            .field("image", &self.image.as_ref().map(|i| i.crops.tiling))
+            .field("trace", &self.trace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Anything the engine runs: a [`Job`] (the engine starts the skill) or a [`CustomJob`] (the
+/// caller did). Every submitting function takes `impl Into<Submission>`, so a plain [`Job`]
+/// works as before.
+#[derive(Debug)]
+pub enum Submission {
+    /// A built-in skill request.
+    Skill(Job),
+    /// An already-started skill.
+    Custom(CustomJob),
+}
+
+impl From<Job> for Submission {
+    fn from(j: Job) -> Self {
+        Submission::Skill(j)
+    }
+}
+
+impl From<CustomJob> for Submission {
+    fn from(j: CustomJob) -> Self {
+        Submission::Custom(j)
+    }
 }
 
 /// Streamed to the submitter.
@@ -191,15 +246,30 @@ impl Scheduler {
     /// Validate and enqueue a job. Validation errors are returned at once.
     pub(crate) fn submit(
         &mut self,
-        job: Job,
+        job: impl Into<Submission>,
         tx: UnboundedSender<Event>,
     ) -> Result<Admission, EngineError> {
         if self.waiting.len() >= self.cfg.max_queue {
             return Err(EngineError::QueueFull);
         }
-        let (prompt, state, settings) =
-            self.skills
-                .start(&job.request, &job.overrides, job.image.is_some())?;
+        let (skill, prompt, state, settings, image, trace) = match job.into() {
+            Submission::Skill(job) => {
+                let (prompt, state, settings) =
+                    self.skills
+                        .start(&job.request, &job.overrides, job.image.is_some())?;
+                let skill = job.request.skill_name();
+                (skill, prompt, state, settings, job.image, job.trace)
+            }
+            Submission::Custom(c) => {
+                if c.prompt.image && c.image.is_none() {
+                    return Err(SkillError::InvalidRequest(
+                        "the prompt has an image block but the job has no image".into(),
+                    )
+                    .into());
+                }
+                (c.skill, c.prompt, c.state, c.settings, c.image, c.trace)
+            }
+        };
         let text = &self.model.config.text;
         let n_img = if prompt.image {
             self.model.config.vision.n_image_tokens()
@@ -215,7 +285,10 @@ impl Scheduler {
             .into());
         }
         // Every job must fit an empty pool on its own, or it would wait forever.
-        let total = (prompt_len + settings.max_new_tokens).min(text.max_context);
+        // Saturating: a client may ask for `max_tokens` up to `usize::MAX`.
+        let total = prompt_len
+            .saturating_add(settings.max_new_tokens)
+            .min(text.max_context);
         // What admission needs in the worst case: its own blocks plus, for an image not yet
         // cached, the image prefix's blocks.
         let prefix_blocks = if prompt.image {
@@ -237,7 +310,6 @@ impl Scheduler {
             pending.push(Token::Text(self.model.config.tokenizer.bos_id));
         }
         pending.extend(prompt.tokens.iter().copied());
-        let skill = job.request.skill_name();
         self.metrics.requests_started(skill);
         self.waiting.push_back(Active {
             id,
@@ -246,7 +318,7 @@ impl Scheduler {
             rng: SplitMix64::new(settings.seed.unwrap_or(0)),
             settings,
             kv: SeqKv::new(),
-            image: job.image.filter(|_| prompt.image),
+            image: image.filter(|_| prompt.image),
             pending,
             prompt_len,
             ids: Vec::new(),
@@ -254,7 +326,7 @@ impl Scheduler {
             n_sampled: 0,
             tx,
             cancel: Arc::clone(&cancel),
-            trace: job.trace.then(GenerationTrace::default),
+            trace: trace.then(GenerationTrace::default),
             submitted: Instant::now(),
             first_token: None,
             prefill_start: None,
@@ -267,23 +339,42 @@ impl Scheduler {
     }
 
     /// Run one engine step. Returns whether there was anything to do.
+    ///
+    /// Faults are confined: an error or panic of one row's skill state fails that row only; a
+    /// failure (error or panic) of the shared batched pass fails the rows of this batch, returns
+    /// their KV blocks and leaves the scheduler ready for the next step.
     pub fn step(&mut self) -> bool {
         self.drop_cancelled();
-        self.admit();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.admit())).is_err() {
+            tracing::error!("admission panicked; failing the running rows");
+            self.fail_running("admission panicked");
+        }
         if self.running.is_empty() {
             self.update_gauges();
             return false;
         }
-        if let Err(e) = self.run_batch() {
-            // A failure of the shared pass: fail every running row, keep serving.
-            tracing::error!(error = %e, "batched forward failed");
-            let msg = e.to_string();
-            for a in std::mem::take(&mut self.running) {
-                self.finish_err(a, EngineError::Internal(msg.clone()));
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // A failure of the shared pass: fail every running row, keep serving.
+                tracing::error!(error = %e, "batched forward failed");
+                self.fail_running(&e.to_string());
+            }
+            Err(_) => {
+                tracing::error!("batched step panicked; failing the running rows");
+                self.fail_running("engine step panicked");
             }
         }
         self.update_gauges();
         true
+    }
+
+    /// Fail every running row with [`EngineError::Internal`] and return its KV blocks.
+    fn fail_running(&mut self, msg: &str) {
+        for mut a in std::mem::take(&mut self.running) {
+            a.kv.release(&mut self.pool);
+            self.finish_err(a, EngineError::Internal(msg.to_string()));
+        }
     }
 
     fn update_gauges(&self) {
@@ -296,6 +387,8 @@ impl Scheduler {
             .store(self.pool.used_blocks() as u64, Ordering::Relaxed);
         m.prefix_cache_entries
             .store(self.prefix.len() as u64, Ordering::Relaxed);
+        m.prefix_cache_blocks
+            .store(self.prefix.blocks() as u64, Ordering::Relaxed);
     }
 
     fn drop_cancelled(&mut self) {
@@ -332,7 +425,10 @@ impl Scheduler {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let total = (front.prompt_len + front.settings.max_new_tokens).min(max_context);
+            let total = front
+                .prompt_len
+                .saturating_add(front.settings.max_new_tokens)
+                .min(max_context);
             let hash = front.image.as_ref().map(|i| i.hash);
             let hit = hash.is_some_and(|h| self.prefix.contains(&h));
             let pending_image = hash.is_some_and(|h| new_hashes.contains(&h));
@@ -465,7 +561,10 @@ impl Scheduler {
                 continue;
             };
             let a = &mut self.running[r];
-            let total = (a.prompt_len + a.settings.max_new_tokens).min(max_context);
+            let total = a
+                .prompt_len
+                .saturating_add(a.settings.max_new_tokens)
+                .min(max_context);
             let res = prefix_kv.fork(&mut self.pool).and_then(|kv| {
                 a.kv = kv;
                 a.kv.reserve(&mut self.pool, total - a.kv.len())
@@ -646,6 +745,14 @@ impl Scheduler {
                 pick(logits, temperature, top_p, &mut a.rng) as u32
             }
         };
+        if id as usize >= logits.len() {
+            // Only a (custom) skill's constraint can force an id outside the vocabulary; feeding
+            // it back would fail the shared forward pass of every row.
+            return Err(EngineError::Internal(format!(
+                "the skill's constraint forced token id {id} outside the vocabulary of {}",
+                logits.len()
+            )));
+        }
         a.n_sampled += 1;
         if a.first_token.is_none() {
             a.first_token = Some(Instant::now());
@@ -688,10 +795,20 @@ impl Scheduler {
     }
 
     fn finish_ok(&mut self, mut a: Active, reason: FinishReason) {
-        let out = a.state.finish(reason);
-        if let Some(d) = a.state.take_delta() {
-            let _ = a.tx.send(Event::Delta(d));
-        }
+        // A panicking skill state fails its own request only.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let out = a.state.finish(reason);
+            (out, a.state.take_delta())
+        }));
+        let out = match out {
+            Ok((out, delta)) => {
+                if let Some(d) = delta {
+                    let _ = a.tx.send(Event::Delta(d));
+                }
+                out.map_err(EngineError::from)
+            }
+            Err(_) => Err(EngineError::Internal("skill state panicked".into())),
+        };
         let now = Instant::now();
         let first = a.first_token.unwrap_or(now);
         let timings = Timings {
@@ -727,7 +844,7 @@ impl Scheduler {
             }
             Err(e) => {
                 self.metrics.requests_finished(a.skill, "error");
-                Err(e.into())
+                Err(e)
             }
         };
         let _ = a.tx.send(Event::Done(Box::new(res)));

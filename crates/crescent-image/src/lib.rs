@@ -132,6 +132,14 @@ fn map_image_error(e: image::ImageError) -> ImageError {
     match e {
         image::ImageError::Limits(l) => ImageError::LimitExceeded(one_line(l)),
         image::ImageError::Unsupported(u) => ImageError::Unsupported(one_line(u)),
+        // Some decoders (BMP, WebP) refuse an oversized header with their own format error
+        // ("Image too large") before our limits are even consulted: it is still an image over
+        // the limits, not a corrupt one.
+        image::ImageError::Decoding(d)
+            if one_line(&d).to_ascii_lowercase().contains("too large") =>
+        {
+            ImageError::LimitExceeded(one_line(d))
+        }
         other => ImageError::Decode(one_line(other)),
     }
 }

@@ -251,6 +251,22 @@ mod tests {
     }
 
     #[test]
+    fn internal_engine_errors_are_500() {
+        use crescent_engine::EngineError;
+        use crescent_skills::SkillError;
+        for e in [
+            EngineError::Internal("skill state panicked".into()),
+            EngineError::Skill(SkillError::UnexpectedToken("x".into())),
+        ] {
+            let a = ApiError::from_engine(e, "");
+            assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(a.code, "internal_error");
+        }
+        let a = ApiError::from_engine(EngineError::QueueFull, "");
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[test]
     fn image_urls() {
         assert_eq!(decode_image_url("f", "aGVsbG8=").unwrap(), b"hello");
         assert_eq!(decode_image_url("f", "aGVsbG8").unwrap(), b"hello");
