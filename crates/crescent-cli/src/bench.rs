@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use crescent_engine::{Engine, EngineConfig, Job};
-use crescent_model::{Config, KvPool, LoadOptions, Moondream, SeqInput, SeqKv, Token};
+use crescent_model::{Config, KvPool, LoadOptions, Moondream, Quantize, SeqInput, SeqKv, Token};
 use crescent_skills::{CaptionLength, SettingsOverrides, SkillRequest};
 use serde_json::json;
 
@@ -95,6 +95,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     let t0 = Instant::now();
     let opts = LoadOptions {
         weights: a.weights.into(),
+        quantize: a.quantize.into(),
         ..Default::default()
     };
     let model = Arc::new(Moondream::load_files(&files, &opts).map_err(rt)?);
@@ -265,10 +266,12 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         None => None,
     };
 
-    // Rooflines.
+    // Rooflines. Decode: the weight bytes one token reads, as stored (quantized bytes and
+    // scales when quantized; MoE: the selected experts only).
     let bytes_per_param = model.text_weight_bytes_per_param();
     let active = active_text_params(&cfg);
-    let decode_roofline = bw * 1e9 / (active * bytes_per_param);
+    let decode_bytes = model.text_decode_bytes_per_token() as f64;
+    let decode_roofline = bw * 1e9 / decode_bytes;
     let prefill_flops = 2.0 * active * prompt_len as f64
         + 4.0 * (prompt_len * prompt_len) as f64 * cfg.text.dim as f64 * cfg.text.n_layers as f64;
     let prefill_gflops = prefill_flops / prefill_s / 1e9;
@@ -276,6 +279,14 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     let out = json!({
         "model": files.dir.display().to_string(),
         "weights": format!("{:?}", a.weights),
+        "quantize": Quantize::from(a.quantize).name(),
+        "text_weight_kinds": model
+            .text
+            .weight_kinds()
+            .into_iter()
+            .map(|(what, kind)| format!("{what}={kind}"))
+            .collect::<Vec<_>>(),
+        "text_weight_bytes_per_param": bytes_per_param,
         "load_s": load_s,
         "vision_ms_per_crop": vision_ms,
         "vision_gflop_s": vision_gflops,
@@ -287,7 +298,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         "peak_rss_mb": peak_rss_mb(),
         "bandwidth_gb_s": bw,
         "gemm_gflop_s": peak,
-        "active_weight_bytes_per_token": active * bytes_per_param,
+        "active_weight_bytes_per_token": decode_bytes,
         "decode_roofline_tok_s": decode_roofline,
         "decode_roofline_ratio": decode_b1 / decode_roofline,
         "prefill_gemm_ratio": prefill_gflops / peak,

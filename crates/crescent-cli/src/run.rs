@@ -216,6 +216,7 @@ pub fn run(cmd: &Command) -> Result<(), Failure> {
     let t_weights = Instant::now();
     let opts = LoadOptions {
         weights: common.weights.into(),
+        quantize: common.quantize.into(),
         conventions,
         ..LoadOptions::default()
     };

@@ -90,11 +90,13 @@ async fn serve(a: &ServeArgs) -> Result<(), Failure> {
     // Load while /health answers 503; a signal during loading stops at once.
     let files = resolve_model(&a.model).map_err(Failure::runtime)?;
     let weights = a.weights.into();
+    let quantize = a.quantize.into();
     let load = tokio::task::spawn_blocking(move || -> Result<_, crescent_model::ModelError> {
         let model = Moondream::load_files(
             &files,
             &LoadOptions {
                 weights,
+                quantize,
                 ..Default::default()
             },
         )?;

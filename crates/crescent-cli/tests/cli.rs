@@ -309,6 +309,36 @@ fn caption_streams_to_stderr_and_reports_stats() {
     }
 }
 
+/// `--quantize int8|int4` loads and runs (the outputs differ from the bf16 reference on this
+/// tiny random model; their quality is checked in crescent-model's `tests/quantized.rs`).
+#[test]
+fn quantized_runs_produce_api_outputs() {
+    let image = fixture("images/wide_1920x1080.jpg");
+    for (skill, extra, key) in [
+        ("detect", ["--object", "tree"], "objects"),
+        ("caption", ["--length", "short"], "caption"),
+    ] {
+        for quant in ["int8", "int4"] {
+            let run = crescent(&[
+                skill,
+                "--model",
+                FIXTURE,
+                "--image",
+                path_str(&image),
+                extra[0],
+                extra[1],
+                "--max-tokens",
+                "8",
+                "--quantize",
+                quant,
+            ]);
+            assert_eq!(run.code, Some(0), "{skill} {quant}: {}", run.stderr);
+            let v: Value = serde_json::from_str(run.stdout.trim()).expect("one JSON object");
+            assert!(v.get(key).is_some(), "{skill} {quant}: {v}");
+        }
+    }
+}
+
 #[test]
 fn usage_errors_are_one_line() {
     let image = fixture("images/landscape_800x600.png");
@@ -343,6 +373,7 @@ fn usage_errors_are_one_line() {
             q(&["--spatial-ref", "0.1,0.2,0.3"]),
             vec!["--spatial-ref", "got 3"],
         ),
+        (q(&["--quantize", "int3"]), vec!["--quantize", "int3"]),
     ];
     for (args, needles) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

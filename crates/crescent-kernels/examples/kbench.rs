@@ -1,5 +1,9 @@
 //! Kernel benchmark: `cargo run --release -p crescent-kernels --example kbench
-//! [-- [--dtype bf16|f16|f32] [--paths] [--quick]]`.
+//! [-- [--dtype bf16|f16|f32|q8|q4] [--paths] [--quick]]`.
+//!
+//! `q8` / `q4` time the quantized kernels (int8 per channel / int4 groups of
+//! 32, weights quantized from random f32); their GB/s counts the quantized
+//! bytes read (weights + scales).
 //!
 //! For each weight shape and row count prints the median (and best) ms per
 //! call, GB/s of weight bytes read (weights are read once per call in both
@@ -14,7 +18,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use crescent_kernels::{
-    bandwidth_gb_s, bf16, f16, gemm_peak_gflops, matmul_forced, uses_gemv, Isa, Path, WeightElem,
+    bandwidth_gb_s, bf16, f16, gemm_peak_gflops, matmul_forced, matmul_q4_forced, matmul_q8_forced,
+    quantize_q4, quantize_q8, uses_gemv, Isa, Path, Q4_GROUP,
 };
 
 fn lcg(seed: &mut u64) -> f32 {
@@ -24,25 +29,6 @@ fn lcg(seed: &mut u64) -> f32 {
     ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
 }
 
-trait Make: WeightElem {
-    fn make(v: f32) -> Self;
-}
-impl Make for f32 {
-    fn make(v: f32) -> Self {
-        v
-    }
-}
-impl Make for bf16 {
-    fn make(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-impl Make for f16 {
-    fn make(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-
 struct Res {
     best_ms: f64,
     ms: f64,
@@ -50,11 +36,19 @@ struct Res {
     gflops: f64,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn time_one<W: Make>(
-    isa: Isa,
+/// `f(copy, path, x, rows, y)`: one matmul with weight copy `copy`.
+type Call<'a> = Box<dyn Fn(usize, Path, &[f32], usize, &mut [f32]) + 'a>;
+
+/// One weight format under test: `copies` matrices `[n, k]`, `bytes` each, and its call.
+struct Subject<'a> {
+    copies: usize,
+    bytes: usize,
+    call: Call<'a>,
+}
+
+fn time_one(
+    s: &Subject<'_>,
     path: Path,
-    copies: &[Vec<W>],
     x: &[f32],
     rows: usize,
     n: usize,
@@ -62,51 +56,21 @@ fn time_one<W: Make>(
     y: &mut [f32],
 ) -> Res {
     let flops = 2.0 * (rows * n * k) as f64;
-    let bytes = (n * k * std::mem::size_of::<W>()) as f64;
+    let bytes = s.bytes as f64;
+    let (x, y) = (&x[..rows * k], &mut y[..rows * n]);
     // Warm-up (also faults in y).
-    matmul_forced(
-        isa,
-        path,
-        &x[..rows * k],
-        rows,
-        &copies[0],
-        n,
-        k,
-        None,
-        &mut y[..rows * n],
-    );
+    (s.call)(0, path, x, rows, y);
     // Enough iterations for ~0.25 s, at least 4.
     let t0 = Instant::now();
-    matmul_forced(
-        isa,
-        path,
-        &x[..rows * k],
-        rows,
-        &copies[1 % copies.len()],
-        n,
-        k,
-        None,
-        &mut y[..rows * n],
-    );
+    (s.call)(1 % s.copies, path, x, rows, y);
     let est = t0.elapsed().as_secs_f64();
     let iters = ((0.25 / est) as usize).clamp(4, 2000);
     // Median time per call (this machine is shared: the median is robust to
     // other processes; the best is printed too).
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters {
-        let w = &copies[(i + 2) % copies.len()];
         let t0 = Instant::now();
-        matmul_forced(
-            isa,
-            path,
-            black_box(&x[..rows * k]),
-            rows,
-            w,
-            n,
-            k,
-            None,
-            &mut y[..rows * n],
-        );
+        (s.call)((i + 2) % s.copies, path, black_box(x), rows, y);
         black_box(&y[0]);
         times.push(t0.elapsed().as_secs_f64());
     }
@@ -121,6 +85,99 @@ fn time_one<W: Make>(
     }
 }
 
+/// Builds the weight copies of one shape for a format.
+fn subject<'a>(
+    isa: Isa,
+    dtype: &str,
+    n: usize,
+    k: usize,
+    seed: &mut u64,
+    store: &'a mut Store,
+) -> Subject<'a> {
+    let elem_bytes = match dtype {
+        "f32" => 4.0,
+        "q8" => 1.0 + 4.0 / k as f64,
+        "q4" => 0.5 + 4.0 / 32.0,
+        _ => 2.0,
+    };
+    let bytes = (n as f64 * k as f64 * elem_bytes) as usize;
+    let copies = (256usize << 20).div_ceil(bytes.max(1)).clamp(2, 32);
+    let mut gen = |_: usize| -> Vec<f32> { (0..n * k).map(|_| lcg(seed)).collect() };
+    match dtype {
+        "f32" => {
+            store.f32 = (0..copies).map(&mut gen).collect();
+            let w = &store.f32;
+            Subject {
+                copies,
+                bytes,
+                call: Box::new(move |c, p, x, r, y| {
+                    matmul_forced(isa, p, x, r, &w[c], n, k, None, y)
+                }),
+            }
+        }
+        "f16" => {
+            store.f16 = (0..copies)
+                .map(|i| gen(i).into_iter().map(f16::from_f32).collect())
+                .collect();
+            let w = &store.f16;
+            Subject {
+                copies,
+                bytes,
+                call: Box::new(move |c, p, x, r, y| {
+                    matmul_forced(isa, p, x, r, &w[c], n, k, None, y)
+                }),
+            }
+        }
+        "q8" => {
+            store.q8 = (0..copies).map(|i| quantize_q8(&gen(i), n, k)).collect();
+            let w = &store.q8;
+            Subject {
+                copies,
+                bytes,
+                call: Box::new(move |c, p, x, r, y| {
+                    matmul_q8_forced(isa, p, x, r, &w[c].0, &w[c].1, n, k, None, y)
+                }),
+            }
+        }
+        "q4" => {
+            store.q4 = (0..copies)
+                .map(|i| quantize_q4(&gen(i), n, k, Q4_GROUP))
+                .collect();
+            let w = &store.q4;
+            Subject {
+                copies,
+                bytes,
+                call: Box::new(move |c, p, x, r, y| {
+                    matmul_q4_forced(isa, p, x, r, &w[c].0, &w[c].1, Q4_GROUP, n, k, None, y)
+                }),
+            }
+        }
+        _ => {
+            store.bf16 = (0..copies)
+                .map(|i| gen(i).into_iter().map(bf16::from_f32).collect())
+                .collect();
+            let w = &store.bf16;
+            Subject {
+                copies,
+                bytes,
+                call: Box::new(move |c, p, x, r, y| {
+                    matmul_forced(isa, p, x, r, &w[c], n, k, None, y)
+                }),
+            }
+        }
+    }
+}
+
+/// Owner of the weight copies of the shape being timed.
+#[derive(Default)]
+struct Store {
+    f32: Vec<Vec<f32>>,
+    f16: Vec<Vec<f16>>,
+    bf16: Vec<Vec<bf16>>,
+    q8: Vec<(Vec<i8>, Vec<f32>)>,
+    q4: Vec<(Vec<u8>, Vec<f32>)>,
+}
+
 struct Opts {
     paths: bool,
     quick: bool,
@@ -128,7 +185,7 @@ struct Opts {
     custom: Option<(usize, usize, Vec<usize>)>,
 }
 
-fn run<W: Make>(isa: Isa, o: &Opts) -> Vec<(String, usize, Res)> {
+fn run(isa: Isa, dtype: &str, o: &Opts) -> Vec<(String, usize, Res)> {
     let (paths, quick) = (o.paths, o.quick);
     let all = vec![1, 4, 16, 64, 729, 2048];
     let default: Vec<(String, usize, usize, Vec<usize>)> = vec![
@@ -163,15 +220,12 @@ fn run<W: Make>(isa: Isa, o: &Opts) -> Vec<(String, usize, Res)> {
     let mut results = Vec::new();
     for (name, k, n, rows_list) in &shapes {
         let (k, n) = (*k, *n);
-        let bytes = n * k * std::mem::size_of::<W>();
-        let ncopies = (256usize << 20).div_ceil(bytes).clamp(2, 32);
-        let copies: Vec<Vec<W>> = (0..ncopies)
-            .map(|_| (0..n * k).map(|_| W::make(lcg(&mut seed))).collect())
-            .collect();
+        let mut store = Store::default();
+        let subj = subject(isa, dtype, n, k, &mut seed, &mut store);
         println!(
-            "\n{name}: W [{n} x {k}] {} = {:.1} MB ({ncopies} copies rotated)",
-            W::NAME,
-            bytes as f64 / 1e6
+            "\n{name}: W [{n} x {k}] {dtype} = {:.1} MB ({} copies rotated)",
+            subj.bytes as f64 / 1e6,
+            subj.copies
         );
         println!(
             "  {:>6} {:>6} {:>10} {:>10} {:>9} {:>9}",
@@ -181,7 +235,7 @@ fn run<W: Make>(isa: Isa, o: &Opts) -> Vec<(String, usize, Res)> {
             if quick && rows > 729 {
                 continue;
             }
-            let r = time_one(isa, Path::Auto, &copies, &x, rows, n, k, &mut y);
+            let r = time_one(&subj, Path::Auto, &x, rows, n, k, &mut y);
             let path = if uses_gemv(rows, k) { "gemv" } else { "gemm" };
             println!(
                 "  {rows:>6} {path:>6} {:>10.3} {:>10.3} {:>9.2} {:>9.1}",
@@ -189,7 +243,7 @@ fn run<W: Make>(isa: Isa, o: &Opts) -> Vec<(String, usize, Res)> {
             );
             if paths && rows <= 729 {
                 for (label, p) in [("gemv", Path::Gemv), ("gemm", Path::Gemm)] {
-                    let r = time_one(isa, p, &copies, &x, rows, n, k, &mut y);
+                    let r = time_one(&subj, p, &x, rows, n, k, &mut y);
                     println!(
                         "    forced {label}: {:>10.3} ms {:>9.2} GB/s {:>9.1} GFLOP/s",
                         r.ms, r.gbs, r.gflops
@@ -247,11 +301,7 @@ fn main() {
     } else {
         probes()
     };
-    let results = match dtype.as_str() {
-        "f32" => run::<f32>(isa, &opts),
-        "f16" => run::<f16>(isa, &opts),
-        _ => run::<bf16>(isa, &opts),
-    };
+    let results = run(isa, &dtype, &opts);
     if skip_probes {
         return;
     }

@@ -18,6 +18,9 @@ pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 16;
 /// Max depth of a K block (W sliver = KC_MAX·16·4 B = 24 KiB, fits L1).
 const KC_MAX: usize = 384;
+/// Max K block with the AVX-512 kernel, which keeps two W slivers
+/// (2·kc·16·4 B = 32 KiB) in L1.
+const KC_MAX_512: usize = 256;
 /// Rows of x packed at once (MC·kc·4 B ≤ 144 KiB, lives in L2).
 const MC: usize = 96;
 /// Target / max output features per panel (nc·kc·4 B ≤ 384 KiB, L2).
@@ -60,11 +63,11 @@ fn pack_b<W: WeightElem>(
     let t = &mut tmp[..kcc];
     for (s, dst) in bp[..nsl * NR * kcc].chunks_exact_mut(NR * kcc).enumerate() {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Fma && n0 + (s + 1) * NR <= n1 {
+        if isa.has_avx2() && n0 + (s + 1) * NR <= n1 {
             let o = n0 + s * NR;
             // Bounds for the unchecked reads below.
             assert!((o + NR - 1) * k + pc + kcc <= w.len());
-            // SAFETY: `Isa::Avx2Fma` implies the CPU features; rows
+            // SAFETY: `Isa::Avx2Fma` / `Avx512` imply the CPU features; rows
             // `o .. o+16`, columns `pc .. pc+kcc` are inside `w` (asserted);
             // `dst` has exactly `16 * kcc` elements.
             unsafe {
@@ -110,6 +113,65 @@ fn pack_a(x: &[f32], k: usize, m0: usize, mc: usize, pc: usize, kcc: usize, ap: 
     }
 }
 
+/// A weight matrix the GEMM can pack: anything that can write 16-wide f32 slivers of its rows
+/// (dense bf16/f16/f32 weights, or quantized ones dequantized on the fly).
+pub(crate) trait PackB: Sync {
+    /// Writes rows `n0..n1` (`n1 - n0 <= nc`), columns `pc..pc+kcc` as 16-wide slivers:
+    /// `bp[s*16*kcc + kk*16 + j] = w[n0 + 16s + j, pc + kk]` (0 past `n1`). `k` is the row
+    /// length; `tmp` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_b(
+        &self,
+        isa: Isa,
+        k: usize,
+        n0: usize,
+        n1: usize,
+        pc: usize,
+        kcc: usize,
+        bp: &mut [f32],
+        tmp: &mut Vec<f32>,
+    );
+}
+
+/// Dense weights in their storage dtype.
+pub(crate) struct Dense<'a, W>(pub(crate) &'a [W]);
+
+impl<W: WeightElem> PackB for Dense<'_, W> {
+    fn pack_b(
+        &self,
+        isa: Isa,
+        k: usize,
+        n0: usize,
+        n1: usize,
+        pc: usize,
+        kcc: usize,
+        bp: &mut [f32],
+        tmp: &mut Vec<f32>,
+    ) {
+        pack_b(isa, self.0, k, n0, n1, pc, kcc, bp, tmp);
+    }
+}
+
+/// Transposes 16 row-major f32 rows (`src[j*kcc + kk]`, `j < 16`) into one 16-wide sliver
+/// `dst[kk*16 + j]` (used after dequantizing a sliver's rows).
+pub(crate) fn transpose_sliver(isa: Isa, src: &[f32], kcc: usize, dst: &mut [f32]) {
+    assert!(src.len() >= NR * kcc && dst.len() >= NR * kcc);
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: `Isa::Avx2Fma` / `Avx512` imply the CPU features; 16 rows of `kcc` floats with
+        // stride `kcc` are readable from `src` and `dst` holds `16 * kcc` (asserted above).
+        unsafe { crate::x86::pack_b_sliver(src.as_ptr(), kcc, kcc, dst.as_mut_ptr()) };
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    for (j, row) in src[..NR * kcc].chunks_exact(kcc).enumerate() {
+        for (kk, v) in row.iter().enumerate() {
+            dst[kk * NR + j] = *v;
+        }
+    }
+}
+
 /// Runs the micro-kernel for one 6×16 tile.
 ///
 /// # Safety
@@ -129,9 +191,9 @@ unsafe fn tile(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` implies detected features; extents as per
+        // SAFETY: `Isa::Avx2Fma` / `Avx512` imply detected features; extents as per
         // this function's contract (checked in debug builds).
-        Isa::Avx2Fma => {
+        Isa::Avx2Fma | Isa::Avx512 => {
             debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
             crate::x86::kernel_6x16(
                 kc,
@@ -150,12 +212,12 @@ unsafe fn tile(
 
 /// One task: output rows `m0..m1`, output features `n0..n1`.
 #[allow(clippy::too_many_arguments)]
-fn task<W: WeightElem>(
+fn task<B: PackB>(
     isa: Isa,
     x: &[f32],
     m0: usize,
     m1: usize,
-    w: &[W],
+    w: &B,
     n: usize,
     n0: usize,
     n1: usize,
@@ -173,13 +235,14 @@ fn task<W: WeightElem>(
         while pc < k {
             let kcc = kc.min(k - pc);
             let init = pc == 0;
-            pack_b(isa, w, k, n0, n1, pc, kcc, bp, &mut s.t);
+            w.pack_b(isa, k, n0, n1, pc, kcc, bp, &mut s.t);
             let mut ic = m0;
             while ic < m1 {
                 let mc = MC.min(m1 - ic);
                 let msl = div_ceil(mc, MR);
                 pack_a(x, k, ic, mc, pc, kcc, ap);
-                for js in 0..nsl {
+                // One 6×16 tile (edge tiles through a local buffer).
+                let tile16 = |js: usize, is: usize| {
                     let bsl = &bp[js * NR * kcc..(js + 1) * NR * kcc];
                     let col = n0 + js * NR;
                     let nr = NR.min(n1 - col);
@@ -192,42 +255,101 @@ fn task<W: WeightElem>(
                         }
                         None => None,
                     };
-                    for is in 0..msl {
-                        let asl = &ap[is * MR * kcc..(is + 1) * MR * kcc];
-                        let row = ic + is * MR;
-                        let mr = MR.min(ic + mc - row);
-                        if mr == MR && nr == NR {
-                            // SAFETY: rows `row..row+6` < m1 <= m and columns
-                            // `col..col+16` <= n1 <= n lie inside the live
-                            // `m * n` output; this task is the only writer
-                            // of rows m0..m1 × columns n0..n1.
-                            unsafe {
-                                tile(isa, kcc, asl, bsl, y.0.add(row * n + col), n, init, bias_t)
-                            };
-                        } else {
-                            // Edge tile: compute in a local 6×16 buffer and
-                            // copy the valid `mr × nr` part in/out.
-                            let mut buf = [0.0f32; MR * NR];
-                            for i in 0..mr {
-                                for j in 0..nr {
-                                    // SAFETY: (row+i, col+j) is inside this
-                                    // task's exclusive output block.
-                                    if !init {
-                                        buf[i * NR + j] =
-                                            unsafe { *y.0.add((row + i) * n + col + j) };
-                                    }
-                                }
-                            }
-                            // SAFETY: `buf` is a local 6×16 tile, ldc = 16.
-                            unsafe { tile(isa, kcc, asl, bsl, buf.as_mut_ptr(), NR, init, bias_t) };
-                            for i in 0..mr {
-                                for j in 0..nr {
-                                    // SAFETY: as above.
-                                    unsafe { *y.0.add((row + i) * n + col + j) = buf[i * NR + j] };
+                    let asl = &ap[is * MR * kcc..(is + 1) * MR * kcc];
+                    let row = ic + is * MR;
+                    let mr = MR.min(ic + mc - row);
+                    if mr == MR && nr == NR {
+                        // SAFETY: rows `row..row+6` < m1 <= m and columns
+                        // `col..col+16` <= n1 <= n lie inside the live
+                        // `m * n` output; this task is the only writer
+                        // of rows m0..m1 × columns n0..n1.
+                        unsafe {
+                            tile(isa, kcc, asl, bsl, y.0.add(row * n + col), n, init, bias_t)
+                        };
+                    } else {
+                        // Edge tile: compute in a local 6×16 buffer and
+                        // copy the valid `mr × nr` part in/out.
+                        let mut buf = [0.0f32; MR * NR];
+                        for i in 0..mr {
+                            for j in 0..nr {
+                                // SAFETY: (row+i, col+j) is inside this
+                                // task's exclusive output block.
+                                if !init {
+                                    buf[i * NR + j] = unsafe { *y.0.add((row + i) * n + col + j) };
                                 }
                             }
                         }
+                        // SAFETY: `buf` is a local 6×16 tile, ldc = 16.
+                        unsafe { tile(isa, kcc, asl, bsl, buf.as_mut_ptr(), NR, init, bias_t) };
+                        for i in 0..mr {
+                            for j in 0..nr {
+                                // SAFETY: as above.
+                                unsafe { *y.0.add((row + i) * n + col + j) = buf[i * NR + j] };
+                            }
+                        }
                     }
+                };
+                let mut js = 0;
+                while js < nsl {
+                    #[cfg(target_arch = "x86_64")]
+                    if isa == Isa::Avx512 && n0 + (js + 2) * NR <= n1 {
+                        // Two full W slivers: 12×32 / 6×32 zmm tiles; rows
+                        // left over (< 6) as 6×16 edge tiles.
+                        let col = n0 + js * NR;
+                        let bsl = &bp[js * NR * kcc..(js + 2) * NR * kcc];
+                        let bias_t =
+                            bias.map_or(core::ptr::null(), |b| b[col..col + 2 * NR].as_ptr());
+                        let mut is = 0;
+                        while is < msl {
+                            let row = ic + is * MR;
+                            let left = ic + mc - row;
+                            let ma = if left >= 2 * MR { 2 } else { 1 };
+                            if left < MR {
+                                tile16(js, is);
+                                tile16(js + 1, is);
+                            } else {
+                                let asl = &ap[is * MR * kcc..(is + ma) * MR * kcc];
+                                let c = y.0.wrapping_add(row * n + col);
+                                // SAFETY: `Isa::Avx512` implies AVX-512F was
+                                // detected; `asl` holds `ma` 6-row slivers and
+                                // `bsl` two 16-wide slivers of depth `kcc`;
+                                // rows `row..row+6·ma` <= m1 and columns
+                                // `col..col+32` <= n1 lie inside the live
+                                // `m * n` output, which only this task writes
+                                // there; `bias_t` is null or has 32 floats.
+                                unsafe {
+                                    if ma == 2 {
+                                        crate::x86::kernel_avx512::<2>(
+                                            kcc,
+                                            asl.as_ptr(),
+                                            bsl.as_ptr(),
+                                            c,
+                                            n,
+                                            init,
+                                            bias_t,
+                                        )
+                                    } else {
+                                        crate::x86::kernel_avx512::<1>(
+                                            kcc,
+                                            asl.as_ptr(),
+                                            bsl.as_ptr(),
+                                            c,
+                                            n,
+                                            init,
+                                            bias_t,
+                                        )
+                                    }
+                                };
+                            }
+                            is += ma;
+                        }
+                        js += 2;
+                        continue;
+                    }
+                    for is in 0..msl {
+                        tile16(js, is);
+                    }
+                    js += 1;
                 }
                 ic += mc;
             }
@@ -239,11 +361,11 @@ fn task<W: WeightElem>(
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)`; arguments already validated,
 /// `k > 0`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm<W: WeightElem>(
+pub(crate) fn gemm<B: PackB>(
     isa: Isa,
     x: &[f32],
     m: usize,
-    w: &[W],
+    w: &B,
     n: usize,
     k: usize,
     bias: Option<&[f32]>,
@@ -251,7 +373,12 @@ pub(crate) fn gemm<W: WeightElem>(
 ) {
     debug_assert!(k > 0);
     let yp = SyncPtr(y.as_mut_ptr());
-    let kc = div_ceil(k, div_ceil(k, KC_MAX));
+    let kc_max = if isa == Isa::Avx512 {
+        KC_MAX_512
+    } else {
+        KC_MAX
+    };
+    let kc = div_ceil(k, div_ceil(k, kc_max));
     let threads = rayon::current_num_threads().max(1);
     let serial = threads == 1 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS;
 

@@ -47,7 +47,7 @@ pub(crate) fn gemv<W: WeightElem>(
     y: &mut [f32],
 ) {
     let yp = SyncPtr(y.as_mut_ptr());
-    let deint = isa == Isa::Avx2Fma && W::KIND == WeightKind::Bf16;
+    let deint = isa.has_avx2() && W::KIND == WeightKind::Bf16;
     with_call_scratch(|buf| {
         let xp: &[f32] = if deint {
             let d = ensure_len(buf, x.len());
@@ -58,28 +58,34 @@ pub(crate) fn gemv<W: WeightElem>(
         };
         let run = |o0: usize, o1: usize| match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` implies the CPU features were detected;
+            // SAFETY: `Isa::Avx2Fma` / `Avx512` imply the CPU features were detected;
             // lengths were validated by `matmul_forced` (x: rows*k, w: n*k,
             // y: rows*n, bias: n) and `xp` has the layout `load16::<W>`
             // expects (de-interleaved exactly when W is bf16); tasks get
             // disjoint `o0..o1` ranges, and `y` outlives the parallel section.
-            Isa::Avx2Fma => unsafe {
+            Isa::Avx2Fma | Isa::Avx512 => unsafe {
                 crate::x86::gemv_range::<W>(xp, rows, w, k, n, o0, o1, bias, yp)
             },
             _ => crate::portable::gemv_range::<W>(xp, rows, w, k, n, o0, o1, bias, yp),
         };
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || rows.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS || n < 8 {
-            run(0, n);
-            return;
-        }
-        // ~8 tasks per thread (load balance under work stealing; 1..64 per
-        // thread measured the same on an idle machine), multiples of 8 output
-        // rows (whole 4-row kernel blocks), 8..512 rows each.
-        let chunk = round_up(div_ceil(n, threads * 8), 8).clamp(8, 512);
-        let tasks = div_ceil(n, chunk);
-        (0..tasks)
-            .into_par_iter()
-            .for_each(|t| run(t * chunk, ((t + 1) * chunk).min(n)));
+        par_outputs(rows, n, k, run);
     });
+}
+
+/// Runs `run(o0, o1)` over disjoint ranges of the `n` output features covering `0..n`: on the
+/// calling thread for small calls, else as rayon tasks of multiples of 8 features.
+pub(crate) fn par_outputs(rows: usize, n: usize, k: usize, run: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || rows.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS || n < 8 {
+        run(0, n);
+        return;
+    }
+    // ~8 tasks per thread (load balance under work stealing; 1..64 per
+    // thread measured the same on an idle machine), multiples of 8 output
+    // rows (whole 4-row kernel blocks), 8..512 rows each.
+    let chunk = round_up(div_ceil(n, threads * 8), 8).clamp(8, 512);
+    let tasks = div_ceil(n, chunk);
+    (0..tasks)
+        .into_par_iter()
+        .for_each(|t| run(t * chunk, ((t + 1) * chunk).min(n)));
 }

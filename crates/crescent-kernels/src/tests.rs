@@ -36,7 +36,7 @@ impl FromF32 for f16 {
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx2Fma]
+    [Isa::Portable, Isa::Avx2Fma, Isa::Avx512]
         .into_iter()
         .filter(|i| i.is_supported())
         .collect()
@@ -100,6 +100,38 @@ fn small_shapes_all_dtypes() {
                 check::<f16>(rows, n, k, bias, seed);
             }
         }
+    }
+}
+
+#[test]
+fn gemm_wide_tile_edges() {
+    // AVX-512 GEMM: 12×32 / 6×32 tiles, leftover rows (< 6) and a ragged or
+    // lone 16-wide sliver, with one and two K blocks (KC 256).
+    let mut seed = 100;
+    for rows in [6, 11, 12, 13, 18, 23, 25, 30] {
+        for n in [16, 31, 32, 48, 65, 112] {
+            for k in [5, 64, 300] {
+                seed += 1;
+                check::<bf16>(rows, n, k, seed % 2 == 0, seed);
+                check::<f32>(rows, n, k, seed % 2 == 1, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn isa_levels() {
+    assert!(Isa::Portable.is_supported());
+    if Isa::Avx512.is_supported() {
+        assert!(Isa::Avx2Fma.is_supported());
+    }
+    let d = Isa::detect();
+    assert!(d.is_supported());
+    if std::env::var_os("CRESCENT_KERNELS_ISA").is_none() {
+        let best = [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
+            .into_iter()
+            .find(|i| i.is_supported());
+        assert_eq!(Some(d), best);
     }
 }
 
@@ -186,4 +218,283 @@ fn deinterleave_layout() {
     assert_eq!(&d[..19], &row0[..]);
     assert_eq!(d[19], 19.0);
     assert_eq!(d[20], 21.0);
+}
+
+/// f64 reference of `x · ŵᵀ (+ b)` for dequantized weights `wd` `[n, k]`: (value, Σ|x·w| (+|b|)).
+fn reference_f64(
+    x: &[f32],
+    rows: usize,
+    wd: &[f64],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut reference = vec![0.0f64; rows * n];
+    let mut scale = vec![0.0f64; rows * n];
+    for r in 0..rows {
+        for o in 0..n {
+            let (mut s, mut a) = (0.0f64, 0.0f64);
+            for i in 0..k {
+                let p = x[r * k + i] as f64 * wd[o * k + i];
+                s += p;
+                a += p.abs();
+            }
+            if let Some(b) = bias {
+                s += b[o] as f64;
+                a += (b[o] as f64).abs();
+            }
+            reference[r * n + o] = s;
+            scale[r * n + o] = a;
+        }
+    }
+    (reference, scale)
+}
+
+fn assert_close(what: &str, y: &[f32], reference: &[f64], scale: &[f64], n: usize) {
+    for (i, (&got, &want)) in y.iter().zip(reference).enumerate() {
+        let err = (got as f64 - want).abs();
+        assert!(
+            err <= 1e-5 * scale[i] + 1e-30,
+            "{what}: y[{}, {}] = {got}, want {want} (err {err:e}, scale {:e})",
+            i / n,
+            i % n,
+            scale[i]
+        );
+    }
+}
+
+/// int8 kernels (every ISA and path) against the f64 reference of the dequantized weights.
+fn check_q8(rows: usize, n: usize, k: usize, with_bias: bool, seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let x = rng.vec(rows * k);
+    let w = rng.vec(n * k);
+    let bias = with_bias.then(|| rng.vec(n));
+    let (q, s) = quantize_q8(&w, n, k);
+    let wd: Vec<f64> = (0..n * k)
+        .map(|i| q[i] as f64 * s[i / k.max(1)] as f64)
+        .collect();
+    let (reference, scale) = reference_f64(&x, rows, &wd, n, k, bias.as_deref());
+    for isa in isas() {
+        for path in [Path::Gemv, Path::Gemm, Path::Auto] {
+            let mut y = vec![f32::NAN; rows * n];
+            matmul_q8_forced(isa, path, &x, rows, &q, &s, n, k, bias.as_deref(), &mut y);
+            let what = format!("q8 {isa:?} {path:?} rows={rows} n={n} k={k} bias={with_bias}");
+            assert_close(&what, &y, &reference, &scale, n);
+        }
+    }
+}
+
+/// int4 kernels (every ISA and path) against the f64 reference of the dequantized weights.
+fn check_q4(rows: usize, n: usize, k: usize, group: usize, with_bias: bool, seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let x = rng.vec(rows * k);
+    let w = rng.vec(n * k);
+    let bias = with_bias.then(|| rng.vec(n));
+    let (q, s) = quantize_q4(&w, n, k, group);
+    let gpr = k / group;
+    let wd: Vec<f64> = (0..n * k)
+        .map(|i| {
+            let (o, c) = (i / k, i % k);
+            let b = q[o * k / 2 + c / 2];
+            let v = if c % 2 == 0 { b & 15 } else { b >> 4 } as i32 - 8;
+            v as f64 * s[o * gpr + c / group] as f64
+        })
+        .collect();
+    let (reference, scale) = reference_f64(&x, rows, &wd, n, k, bias.as_deref());
+    for isa in isas() {
+        for path in [Path::Gemv, Path::Gemm, Path::Auto] {
+            let mut y = vec![f32::NAN; rows * n];
+            matmul_q4_forced(
+                isa,
+                path,
+                &x,
+                rows,
+                &q,
+                &s,
+                group,
+                n,
+                k,
+                bias.as_deref(),
+                &mut y,
+            );
+            let what =
+                format!("q4 {isa:?} {path:?} rows={rows} n={n} k={k} g={group} bias={with_bias}");
+            assert_close(&what, &y, &reference, &scale, n);
+        }
+    }
+}
+
+#[test]
+fn q8_small_shapes() {
+    let mut seed = 100;
+    for rows in [1, 2, 3, 5, 17, 100] {
+        for n in [1, 7, 33] {
+            for k in [1, 7, 16, 33, 64, 129, 400] {
+                seed += 1;
+                check_q8(rows, n, k, seed % 2 == 0, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_small_shapes() {
+    let mut seed = 200;
+    for rows in [1, 2, 3, 5, 17, 100] {
+        for n in [1, 7, 33] {
+            // (k, group): SIMD groups (multiples of 32) and portable ones, incl. a K block of
+            // odd length in the GEMM (k = 390 → kc = 195) and groups straddling it.
+            for (k, g) in [
+                (2, 2),
+                (34, 2),
+                (32, 32),
+                (96, 32),
+                (416, 32),
+                (128, 64),
+                (390, 2),
+                (390, 26),
+                (48, 8),
+            ] {
+                seed += 1;
+                check_q4(rows, n, k, g, seed % 2 == 0, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_parallel_shapes() {
+    check_q8(1, 1001, 300, true, 21);
+    check_q8(4, 1001, 300, false, 22);
+    check_q8(37, 600, 800, true, 23);
+    check_q8(200, 40, 130, false, 24);
+    check_q4(1, 1001, 320, 32, true, 25);
+    check_q4(4, 1001, 320, 64, false, 26);
+    check_q4(37, 600, 800, 32, true, 27);
+    check_q4(1000, 40, 64, 32, false, 28);
+    for rows in 1..=GEMV_MAX_ROWS + 1 {
+        check_q8(rows, 13, 48, rows % 2 == 0, 300 + rows as u64);
+        check_q4(rows, 13, 64, 32, rows % 2 == 1, 400 + rows as u64);
+    }
+}
+
+#[test]
+fn q8_round_trip_bounds() {
+    let mut rng = Rng(7);
+    let (n, k) = (9, 301);
+    let mut w = rng.vec(n * k);
+    w[..k].fill(0.0); // an all-zero row
+    for v in &mut w[2 * k..3 * k] {
+        *v *= 1e-30; // tiny magnitudes
+    }
+    w[3 * k + 5] = 1e6; // one outlier
+    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+    let (q, s) = quantize_q8(&wb, n, k);
+    assert_eq!(s[0], 0.0);
+    assert!(q[..k].iter().all(|v| *v == 0));
+    let mut row = vec![0.0; k];
+    for o in 0..n {
+        let amax = wb[o * k..(o + 1) * k]
+            .iter()
+            .fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
+        assert_eq!(s[o], amax / 127.0, "row {o} scale");
+        dequantize_q8_row(&q[o * k..(o + 1) * k], s[o], &mut row);
+        for i in 0..k {
+            let err = (wb[o * k + i].to_f32() - row[i]).abs();
+            assert!(
+                err <= s[o] * (0.5 + 1e-5),
+                "row {o} col {i}: err {err:e} > scale/2 ({:e})",
+                s[o] / 2.0
+            );
+            assert!(q[o * k + i] >= -127);
+        }
+        if amax > 0.0 {
+            assert!(q[o * k..(o + 1) * k].iter().any(|v| v.abs() == 127));
+        }
+    }
+}
+
+#[test]
+fn q4_round_trip_bounds_and_layout() {
+    // Layout: low nibble = even column, value + 8; the largest magnitude maps to -8.
+    // Group 1: m = -4 → scale 0.5; 0.25/0.5 = 0.5 ties to even (0); 3.9/0.5 = 7.8 clamps
+    // to 7. Group 2: m = 4 → scale -0.5. Group 3: zeros → scale 0, nibbles 8.
+    let w = [
+        1.0f32, -4.0, 0.25, 3.9, 1.0, -2.0, 0.75, 4.0, 0.0, 0.0, 0.0, 0.0,
+    ];
+    let (q, s) = quantize_q4(&w, 1, 12, 4);
+    assert_eq!(s, vec![0.5, -0.5, 0.0]);
+    let nib = |lo: i32, hi: i32| ((lo + 8) | ((hi + 8) << 4)) as u8;
+    assert_eq!(
+        q,
+        vec![nib(2, -8), nib(0, 7), nib(-2, 4), nib(-2, -8), 0x88, 0x88]
+    );
+    let mut d = [0.0; 12];
+    dequantize_q4_row(&q, &s, 4, &mut d);
+    assert_eq!(
+        d,
+        [1.0, -4.0, 0.0, 3.5, 1.0, -2.0, 1.0, 4.0, 0.0, 0.0, 0.0, 0.0]
+    );
+
+    let mut rng = Rng(9);
+    let (n, k, g) = (7, 320, 32);
+    let mut w = rng.vec(n * k);
+    w[..g].fill(0.0);
+    w[5 * k + 40] = -3e4;
+    let (q, s) = quantize_q4(&w, n, k, g);
+    let mut row = vec![0.0; k];
+    let gpr = k / g;
+    for o in 0..n {
+        dequantize_q4_row(
+            &q[o * k / 2..(o + 1) * k / 2],
+            &s[o * gpr..(o + 1) * gpr],
+            g,
+            &mut row,
+        );
+        for i in 0..k {
+            let sc = s[o * gpr + i / g].abs();
+            let amax = w[o * k + (i / g) * g..o * k + (i / g + 1) * g]
+                .iter()
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_eq!(sc, amax / 8.0);
+            let err = (w[o * k + i] - row[i]).abs();
+            // ≤ scale/2 unless clamped at +7 (then ≤ scale).
+            let v = w[o * k + i] / s[o * gpr + i / g];
+            let bound = if v > 7.5 { sc } else { sc * 0.5 } * (1.0 + 1e-5);
+            assert!(err <= bound, "row {o} col {i}: err {err:e} > {bound:e}");
+        }
+    }
+    assert_eq!(s[0], 0.0);
+    assert!(q[..g / 2].iter().all(|b| *b == 0x88));
+}
+
+#[test]
+fn quantize_non_finite_gives_nan_scale() {
+    let w = [1.0f32, f32::NAN, 2.0, 3.0, f32::INFINITY, 0.0, 1.0, 1.0];
+    let (_, s8) = quantize_q8(&w, 2, 4);
+    assert!(s8[0].is_nan() && s8[1].is_nan());
+    let (_, s4) = quantize_q4(&w, 1, 8, 2);
+    assert!(s4[0].is_nan() && s4[1].is_finite() && s4[2].is_nan() && s4[3].is_finite());
+}
+
+#[test]
+#[should_panic(expected = "not a multiple of group")]
+fn q4_bad_group_panics() {
+    quantize_q4(&[0.0f32; 10], 1, 10, 4);
+}
+
+#[test]
+#[should_panic(expected = "scales has 1 elements")]
+fn q8_bad_scales_panics() {
+    let mut y = vec![0.0; 2];
+    matmul_q8(&[0.0; 3], 1, &[0; 6], &[1.0], 2, 3, None, &mut y);
+}
+
+#[test]
+fn quantized_degenerate_dims() {
+    let mut y = vec![f32::NAN; 6];
+    matmul_q8(&[], 2, &[], &[1.0; 3], 3, 0, Some(&[1.0, 2.0, 3.0]), &mut y);
+    assert_eq!(y, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    matmul_q4(&[], 2, &[], &[], 32, 3, 0, None, &mut y);
+    assert_eq!(y, [0.0; 6]);
 }

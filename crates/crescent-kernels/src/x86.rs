@@ -79,7 +79,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
-unsafe fn gemv_block<W: WeightElem, const R: usize, const NW: usize>(
+pub(crate) unsafe fn gemv_block<W: WeightElem, const R: usize, const NW: usize>(
     xp: *const f32,
     k: usize,
     w: *const W,
@@ -399,6 +399,68 @@ pub(crate) unsafe fn pack_b_sliver<W: WeightElem>(
             for j in 0..8 {
                 *dst.add(kk * 16 + h * 8 + j) = (*base.add(j * ldw + kk)).to_f32();
             }
+        }
+    }
+}
+
+/// AVX-512F GEMM micro-kernel: a `(6·MA)`×32 tile of C (row stride `ldc`)
+/// from `MA` consecutive packed 6-wide slivers of x (`a + s*6*kc`) and two
+/// consecutive packed 16-wide slivers of W (`b`, `b + 16*kc`, i.e. the
+/// usual 16-wide packing): `C = (init ? bias-or-0 : C) + Σ_kk A·B`.
+/// `MA = 2` uses 24 zmm accumulators (12×32).
+///
+/// # Safety
+/// * the CPU supports AVX-512F (`Isa::Avx512` is only constructed after
+///   `is_x86_feature_detected!("avx512f")`);
+/// * `a` has `MA * kc * 6` and `b` has `2 * kc * 16` readable floats;
+/// * `c` is valid for reads and writes of `6 * MA` rows × 32 floats with
+///   stride `ldc`, not accessed concurrently by another thread;
+/// * `bias` is null or points to 32 readable floats.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+pub(crate) unsafe fn kernel_avx512<const MA: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: bool,
+    bias: *const f32,
+) {
+    let mut acc = [[[_mm512_setzero_ps(); 2]; 6]; MA];
+    if init {
+        if !bias.is_null() {
+            let b0 = _mm512_loadu_ps(bias);
+            let b1 = _mm512_loadu_ps(bias.add(16));
+            acc = [[[b0, b1]; 6]; MA];
+        }
+    } else {
+        for s in 0..MA {
+            for i in 0..6 {
+                let r = c.add((s * 6 + i) * ldc);
+                acc[s][i][0] = _mm512_loadu_ps(r);
+                acc[s][i][1] = _mm512_loadu_ps(r.add(16));
+            }
+        }
+    }
+    let bh = b.add(16 * kc);
+    for kk in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(kk * 16));
+        let b1 = _mm512_loadu_ps(bh.add(kk * 16));
+        for s in 0..MA {
+            let ap = a.add(s * 6 * kc + kk * 6);
+            for i in 0..6 {
+                let ai = _mm512_set1_ps(*ap.add(i));
+                acc[s][i][0] = _mm512_fmadd_ps(ai, b0, acc[s][i][0]);
+                acc[s][i][1] = _mm512_fmadd_ps(ai, b1, acc[s][i][1]);
+            }
+        }
+    }
+    for s in 0..MA {
+        for i in 0..6 {
+            let r = c.add((s * 6 + i) * ldc);
+            _mm512_storeu_ps(r, acc[s][i][0]);
+            _mm512_storeu_ps(r.add(16), acc[s][i][1]);
         }
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{Config, Conventions};
 use crate::error::{ModelError, Result};
-use crate::layers::WeightStorage;
+use crate::layers::{Quantize, WeightStorage};
 use crate::region::Region;
 use crate::text::{KvCache, TextDecoder, TextTrace};
 use crate::tokenizer::TextTokenizer;
@@ -20,6 +20,11 @@ use crate::weights::Checkpoint;
 pub struct LoadOptions {
     /// How weight matrices are held in memory.
     pub weights: WeightStorage,
+    /// Load-time quantization of the text decoder's large matrices (default: none). The
+    /// vision encoder and projector stay in `weights` (their matmuls are compute-bound GEMMs,
+    /// where fewer weight bytes buy no speed), as do the region module and the text
+    /// decoder's embeddings, tau gates and routers (small; see [`TextDecoder::load`]).
+    pub quantize: Quantize,
     /// Where public implementations disagree (defaults: Kestrel).
     pub conventions: Conventions,
     /// Crops per vision-encoder batch (memory knob only).
@@ -30,6 +35,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             weights: WeightStorage::Checkpoint,
+            quantize: Quantize::None,
             conventions: Conventions::default(),
             vision_batch: 16,
         }
@@ -99,7 +105,7 @@ impl Moondream {
         let ws = opts.weights;
         let conv = opts.conventions.clone();
         let vision = VisionEncoder::load(ck, &config.vision, config.text.dim, ws)?;
-        let text = TextDecoder::load(ck, &config.text, conv.tau_gelu_tanh, ws)?;
+        let text = TextDecoder::load(ck, &config.text, conv.tau_gelu_tanh, ws, opts.quantize)?;
         let region = Region::load(ck, &config.region, conv.coord_linspace, ws)?;
         let unused = ck.unused();
         if !unused.is_empty() {
@@ -214,6 +220,12 @@ impl Moondream {
         } else {
             bytes as f64 / params as f64
         }
+    }
+
+    /// Weight bytes the text decoder reads per decode token (as stored: quantized bytes and
+    /// scales when quantized); see [`TextDecoder::decode_weight_bytes_per_token`].
+    pub fn text_decode_bytes_per_token(&self) -> usize {
+        self.text.decode_weight_bytes_per_token()
     }
 
     /// Logits `[V]` of one pre-`post_ln` hidden state `[D]`.

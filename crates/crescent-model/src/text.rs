@@ -8,7 +8,7 @@ use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv::{KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
 use crate::layers::{
-    attention_rows, gelu_erf, gelu_tanh, LayerNorm, Linear, Weight, WeightStorage,
+    attention_rows, gelu_erf, gelu_tanh, LayerNorm, Linear, Quantize, Weight, WeightStorage,
 };
 use crate::weights::Checkpoint;
 
@@ -140,12 +140,16 @@ pub fn stable_topk(row: &[f32], k: usize) -> Vec<usize> {
 }
 
 impl TextDecoder {
-    /// Load from the checkpoint (HF key names, spec §3.1).
+    /// Load from the checkpoint (HF key names, spec §3.1). `quant` applies to the attention
+    /// qkv / proj, the dense MLPs, the MoE experts and the LM head; the token embeddings (a
+    /// row lookup, not streamed per token), the tau gates and the routers (tiny, and where a
+    /// small error flips a gate or an expert choice) stay in `ws`.
     pub fn load(
         ck: &Checkpoint,
         cfg: &TextConfig,
         tau_gelu_tanh: bool,
         ws: WeightStorage,
+        quant: Quantize,
     ) -> Result<Self> {
         let d = cfg.dim;
         let h = cfg.n_heads;
@@ -175,37 +179,72 @@ impl TextDecoder {
                         true,
                         ws,
                     )?,
-                    fc1: Weight::load(
+                    fc1: Weight::load_quantized(
                         ck,
                         &format!("{p}.mlp.fc1.weight"),
                         &[m.num_experts, 2 * m.expert_inner_dim, d],
+                        quant,
                         ws,
                     )?,
-                    fc2: Weight::load(
+                    fc2: Weight::load_quantized(
                         ck,
                         &format!("{p}.mlp.fc2.weight"),
                         &[m.num_experts, d, m.expert_inner_dim],
+                        quant,
                         ws,
                     )?,
                     top_k: m.experts_per_token,
                     inner: m.expert_inner_dim,
                 },
                 _ => Mlp::Dense {
-                    fc1: Linear::load(ck, &format!("{p}.mlp.fc1"), d, cfg.ff_dim, true, ws)?,
-                    fc2: Linear::load(ck, &format!("{p}.mlp.fc2"), cfg.ff_dim, d, true, ws)?,
+                    fc1: Linear::load_quantized(
+                        ck,
+                        &format!("{p}.mlp.fc1"),
+                        d,
+                        cfg.ff_dim,
+                        true,
+                        quant,
+                        ws,
+                    )?,
+                    fc2: Linear::load_quantized(
+                        ck,
+                        &format!("{p}.mlp.fc2"),
+                        cfg.ff_dim,
+                        d,
+                        true,
+                        quant,
+                        ws,
+                    )?,
                 },
             };
             blocks.push(TextBlock {
                 ln: LayerNorm::load(ck, &format!("{p}.ln"), d)?,
-                qkv: Linear::load(ck, &format!("{p}.attn.qkv"), d, qkv_dim, true, ws)?,
-                proj: Linear::load(ck, &format!("{p}.attn.proj"), d, d, true, ws)?,
+                qkv: Linear::load_quantized(
+                    ck,
+                    &format!("{p}.attn.qkv"),
+                    d,
+                    qkv_dim,
+                    true,
+                    quant.for_attention(),
+                    ws,
+                )?,
+                proj: Linear::load_quantized(
+                    ck,
+                    &format!("{p}.attn.proj"),
+                    d,
+                    d,
+                    true,
+                    quant.for_attention(),
+                    ws,
+                )?,
                 tau_w,
                 tau_alpha,
                 mlp,
             });
         }
         let post_ln = LayerNorm::load(ck, "model.text.post_ln", d)?;
-        let lm_head = Linear::load(ck, "model.text.lm_head", d, cfg.vocab_size, true, ws)?;
+        let lm_head =
+            Linear::load_quantized(ck, "model.text.lm_head", d, cfg.vocab_size, true, quant, ws)?;
         Ok(Self {
             cfg: cfg.clone(),
             tau_gelu_tanh,
@@ -237,6 +276,56 @@ impl TextDecoder {
             }
         }
         ws.iter().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// Weight bytes one decode token reads: every block's qkv, proj and tau gate, its dense
+    /// MLP or its router plus `top_k` experts' fc1/fc2, and the LM head — counted as stored
+    /// (int8 / int4 bytes with their scales when quantized). The decode roofline's numerator.
+    pub fn decode_weight_bytes_per_token(&self) -> usize {
+        let mut bytes = self.lm_head.footprint().0;
+        for b in &self.blocks {
+            bytes += b.qkv.footprint().0 + b.proj.footprint().0;
+            bytes += b.tau_w.as_ref().map_or(0, |t| t.footprint().0);
+            bytes += match &b.mlp {
+                Mlp::Dense { fc1, fc2 } => fc1.footprint().0 + fc2.footprint().0,
+                Mlp::Moe {
+                    router,
+                    fc1,
+                    fc2,
+                    top_k,
+                    inner,
+                } => {
+                    router.footprint().0
+                        + top_k * (fc1.bytes_of_rows(2 * inner) + fc2.bytes_of_rows(self.cfg.dim))
+                }
+            };
+        }
+        bytes
+    }
+
+    /// Storage kind (`bf16`, `int8`, ...) of each kind of matrix, for reports: `(what, kind)`.
+    pub fn weight_kinds(&self) -> Vec<(&'static str, &'static str)> {
+        let mut v = vec![
+            ("wte", self.wte.kind()),
+            ("lm_head", self.lm_head.weight().kind()),
+        ];
+        for b in &self.blocks {
+            v.push(("attn", b.qkv.weight().kind()));
+            match &b.mlp {
+                Mlp::Dense { fc1, .. } => v.push(("dense_mlp", fc1.weight().kind())),
+                Mlp::Moe { router, fc1, .. } => {
+                    v.push(("router", router.weight().kind()));
+                    v.push(("experts", fc1.kind()));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(v.len());
+        for e in v {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        out
     }
 
     /// The configuration.

@@ -62,6 +62,32 @@ impl MappedBytes {
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
     }
+
+    /// Drops this tensor's pages from the process (`madvise(MADV_DONTNEED)`; best effort,
+    /// Unix only) — after a load-time conversion (quantization) read them, so that they stop
+    /// counting in the resident set. The bytes stay valid: a later read faults them in again
+    /// from the file.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        {
+            let len = self.end - self.start;
+            if len == 0 {
+                return;
+            }
+            // SAFETY: `Mmap::map` maps the file read-only and shared (MAP_SHARED, PROT_READ).
+            // MADV_DONTNEED on such a mapping only drops this process's page-table entries: the
+            // next access re-reads the same file contents, so every outstanding borrow of the
+            // mapping (including other tensors sharing the boundary pages) keeps seeing the
+            // same bytes. The range lies inside the mapping (checked by the header validation).
+            let r = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.start, len)
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "madvise(DONTNEED) failed");
+            }
+        }
+    }
 }
 
 /// The safetensors files that make up the checkpoint in `dir`.

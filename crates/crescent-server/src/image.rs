@@ -86,6 +86,12 @@ pub async fn load_image(
 ) -> Result<ImageInput, ApiError> {
     let model = std::sync::Arc::clone(engine.model());
     let field_owned = field.to_string();
+    // Bound concurrent decodes: each may allocate up to the decode limits, so an unbounded
+    // number of them could exhaust memory under a burst of large images.
+    let _permit = decode_permits()
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("image decoder closed"))?;
     let task = tokio::task::spawn_blocking(move || {
         let bytes = decode_image_url(&field_owned, &url)?;
         drop(url);
@@ -98,4 +104,13 @@ pub async fn load_image(
             "image decoding task failed: {e}"
         ))),
     }
+}
+
+/// Concurrent image decodes allowed (twice the cores, at least 2).
+fn decode_permits() -> &'static tokio::sync::Semaphore {
+    static SEM: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SEM.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new((2 * n).max(2))
+    })
 }

@@ -1,0 +1,567 @@
+//! AVX2 + FMA GEMV kernels for int8 / int4 weights (layouts in `crate::quant`).
+//!
+//! Safety contract shared by every function here (besides the extents documented per
+//! function): **the caller has verified at runtime that the CPU supports AVX2, FMA and F16C**
+//! (`Isa::Avx2Fma`), as for `crate::x86`.
+
+use core::arch::x86_64::*;
+
+use crate::util::{ensure_len, with_scratch, SyncPtr};
+
+/// From this many rows of x, the int4 GEMV dequantizes blocks of 4 weight rows to f32 once
+/// and runs the f32 kernel (2048→8192, 2 threads: 16 rows 118 → 170 GFLOP/s, 64 rows 117 →
+/// 198); below it the fused 2×4 kernel is faster (2 rows: 109 vs 78 GFLOP/s; 4 rows: equal).
+const Q4_DEQUANT_MIN_ROWS: usize = 4;
+
+/// Software-prefetch distance in bytes of the single-row kernels (as the bf16 one).
+const SEQ_PF_BYTES: usize = 8192;
+
+/// Horizontal sum of the 8 lanes.
+///
+/// # Safety
+/// CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 8 int8 weights at `p` as f32 (exact).
+///
+/// # Safety
+/// `p .. p + 8` readable; CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8_q8(p: *const i8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast::<__m128i>())))
+}
+
+/// 16 int4 weights (8 bytes at `p`) dequantized with scale `s` and `m = −8·s`:
+/// `(even columns 0,2,..,14; odd columns 1,3,..,15)` of the 16.
+///
+/// # Safety
+/// `p .. p + 8` readable; CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16_q4(p: *const u8, s: __m256, m: __m256) -> (__m256, __m256) {
+    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast::<__m128i>()));
+    let lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    (_mm256_fmadd_ps(lo, s, m), _mm256_fmadd_ps(hi, s, m))
+}
+
+/// Dot products of ONE row of x (natural order, `k` floats) with `nrows` consecutive int8
+/// weight rows, streamed sequentially with a software prefetch; `y[o] = scales[o] · dot (+
+/// bias[o])`.
+///
+/// # Safety
+/// `x` has `k` floats; `w` points to `nrows * k` readable bytes; `scales`, `y` (and `bias` if
+/// not null) have `nrows` floats; nothing else writes `y` concurrently; CPU features.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q8_seq1(
+    x: *const f32,
+    k: usize,
+    w: *const i8,
+    scales: *const f32,
+    nrows: usize,
+    bias: *const f32,
+    y: *mut f32,
+) {
+    let k64 = k & !63;
+    let k16 = k & !15;
+    for o in 0..nrows {
+        let wr = w.add(o * k);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut kk = 0;
+        while kk < k64 {
+            // 64 weights = one cache line.
+            _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(kk + SEQ_PF_BYTES));
+            for u in 0..4 {
+                let p = wr.add(kk + 16 * u);
+                let xr = x.add(kk + 16 * u);
+                acc[2 * u] = _mm256_fmadd_ps(load8_q8(p), _mm256_loadu_ps(xr), acc[2 * u]);
+                acc[2 * u + 1] = _mm256_fmadd_ps(
+                    load8_q8(p.add(8)),
+                    _mm256_loadu_ps(xr.add(8)),
+                    acc[2 * u + 1],
+                );
+            }
+            kk += 64;
+        }
+        while kk < k16 {
+            let p = wr.add(kk);
+            let xr = x.add(kk);
+            acc[0] = _mm256_fmadd_ps(load8_q8(p), _mm256_loadu_ps(xr), acc[0]);
+            acc[1] = _mm256_fmadd_ps(load8_q8(p.add(8)), _mm256_loadu_ps(xr.add(8)), acc[1]);
+            kk += 16;
+        }
+        let a = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+            _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])),
+        );
+        let mut s = hsum(a);
+        for t in k16..k {
+            s += *x.add(t) * f32::from(*wr.add(t));
+        }
+        s *= *scales.add(o);
+        if !bias.is_null() {
+            s += *bias.add(o);
+        }
+        *y.add(o) = s;
+    }
+}
+
+/// Raw dot products (no scale) of `R` rows of x with `NW` consecutive int8 weight rows:
+/// `out[r][j] = Σ_t x[r*k + t] · q[j*k + t]`, prefetching the `NW` rows at `pf` (if not null).
+///
+/// # Safety
+/// `x` has `R * k` floats, `w` `NW * k` readable bytes; `pf` may be anything (prefetches
+/// never fault); CPU features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+unsafe fn gemv_q8_block<const R: usize, const NW: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const i8,
+    pf: *const i8,
+    out: &mut [[f32; NW]; R],
+) {
+    let k16 = k & !15;
+    let mut acc = [[_mm256_setzero_ps(); NW]; R];
+    let mut kk = 0;
+    while kk < k16 {
+        if !pf.is_null() && kk % 64 == 0 {
+            for j in 0..NW {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(j * k + kk));
+            }
+        }
+        for j in 0..NW {
+            let p = w.add(j * k + kk);
+            let (lo, hi) = (load8_q8(p), load8_q8(p.add(8)));
+            for r in 0..R {
+                let xr = x.add(r * k + kk);
+                acc[r][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), acc[r][j]);
+                acc[r][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(8)), acc[r][j]);
+            }
+        }
+        kk += 16;
+    }
+    for r in 0..R {
+        for j in 0..NW {
+            let mut s = hsum(acc[r][j]);
+            for t in k16..k {
+                s += *x.add(r * k + t) * f32::from(*w.add(j * k + t));
+            }
+            out[r][j] = s;
+        }
+    }
+}
+
+/// int8 GEMV over output features `o0..o1`: `y[r*n + o] = scales[o] · x[r]·q[o] (+ bias[o])`.
+/// One row of x streams the weights sequentially (`gemv_q8_seq1`); several rows reuse each
+/// block of 4 weight rows for pairs of rows of x.
+///
+/// # Safety
+/// CPU features; `x.len() == rows * k` (natural order); `q.len() >= o1 * k`,
+/// `scales.len() >= o1`, `o0 <= o1 <= n`, `bias` (if any) has `n` elements; `y.0` points to a
+/// live `rows * n` buffer whose columns `o0..o1` no other thread accesses during the call.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_q8_range(
+    x: &[f32],
+    rows: usize,
+    q: &[i8],
+    scales: &[f32],
+    k: usize,
+    n: usize,
+    o0: usize,
+    o1: usize,
+    bias: Option<&[f32]>,
+    y: SyncPtr,
+) {
+    debug_assert!(x.len() == rows * k && q.len() >= o1 * k && scales.len() >= o1 && o1 <= n);
+    if rows == 1 {
+        gemv_q8_seq1(
+            x.as_ptr(),
+            k,
+            q.as_ptr().add(o0 * k),
+            scales.as_ptr().add(o0),
+            o1 - o0,
+            bias.map_or(core::ptr::null(), |b| b.as_ptr().add(o0)),
+            y.0.add(o0),
+        );
+        return;
+    }
+    macro_rules! block {
+        ($r:expr, $o:expr, $R:literal, $NW:literal) => {{
+            let mut res = [[0.0f32; $NW]; $R];
+            let pf = if $o + 2 * $NW <= o1 {
+                q.as_ptr().wrapping_add(($o + $NW) * k)
+            } else {
+                core::ptr::null()
+            };
+            gemv_q8_block::<$R, $NW>(
+                x.as_ptr().add($r * k),
+                k,
+                q.as_ptr().add($o * k),
+                pf,
+                &mut res,
+            );
+            for (i, row) in res.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    let b = bias.map_or(0.0, |b| b[$o + j]);
+                    *y.0.add(($r + i) * n + $o + j) = v * scales[$o + j] + b;
+                }
+            }
+        }};
+    }
+    let mut o = o0;
+    while o < o1 {
+        let quad = o1 - o >= 4;
+        let mut r = 0;
+        while r < rows {
+            let rc = if rows - r == 1 { 1 } else { 2 };
+            match (rc, quad) {
+                (1, true) => block!(r, o, 1, 4),
+                (_, true) => block!(r, o, 2, 4),
+                (1, false) => block!(r, o, 1, 1),
+                _ => block!(r, o, 2, 1),
+            }
+            r += rc;
+        }
+        o += if quad { 4 } else { 1 };
+    }
+}
+
+/// Dot products of ONE row of x (de-interleaved per 16, see `gemv::deinterleave_x`) with
+/// `nrows` consecutive int4 weight rows (`k / 2` bytes and `k / group` scales each),
+/// streamed sequentially with a software prefetch; `y[o] = dot (+ bias[o])`.
+///
+/// # Safety
+/// `group % 32 == 0`, `k % group == 0`; `x` has `k` floats; `w` points to `nrows * k / 2`
+/// readable bytes and `scales` to `nrows * k / group` floats; `y` (and `bias` if not null)
+/// have `nrows` floats, `y` written by nobody else; CPU features.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+unsafe fn gemv_q4_seq1(
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    scales: *const f32,
+    group: usize,
+    nrows: usize,
+    bias: *const f32,
+    y: *mut f32,
+) {
+    let units = k / 32; // 32 weights = 16 bytes per unit
+    let upg = group / 32;
+    let neg8 = _mm256_set1_ps(-8.0);
+    let row_bytes = k / 2;
+    let gpr = k / group;
+    for o in 0..nrows {
+        let wr = w.add(o * row_bytes);
+        let mut sp = scales.add(o * gpr);
+        let mut left = upg;
+        let mut s = _mm256_broadcast_ss(&*sp);
+        let mut m = _mm256_mul_ps(s, neg8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        // One unit into accumulators `a..a+4`, then step the group.
+        macro_rules! unit {
+            ($u:expr, $a:expr) => {{
+                let p = wr.add(16 * $u);
+                let xr = x.add(32 * $u);
+                let (l0, h0) = load16_q4(p, s, m);
+                let (l1, h1) = load16_q4(p.add(8), s, m);
+                acc[$a] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xr), acc[$a]);
+                acc[$a + 1] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xr.add(8)), acc[$a + 1]);
+                acc[$a + 2] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xr.add(16)), acc[$a + 2]);
+                acc[$a + 3] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xr.add(24)), acc[$a + 3]);
+                left -= 1;
+                if left == 0 {
+                    left = upg;
+                    sp = sp.add(1);
+                    if $u + 1 < units {
+                        s = _mm256_broadcast_ss(&*sp);
+                        m = _mm256_mul_ps(s, neg8);
+                    }
+                }
+            }};
+        }
+        let mut u = 0;
+        while u + 2 <= units {
+            if u % 4 == 0 {
+                // 4 units = 64 bytes = one cache line.
+                _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(16 * u + SEQ_PF_BYTES).cast::<i8>());
+            }
+            unit!(u, 0);
+            unit!(u + 1, 4);
+            u += 2;
+        }
+        if u < units {
+            unit!(u, 0);
+        }
+        let a = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+            _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])),
+        );
+        let mut v = hsum(a);
+        if !bias.is_null() {
+            v += *bias.add(o);
+        }
+        *y.add(o) = v;
+    }
+}
+
+/// Dot products of `R` rows of x (de-interleaved per 16) with `NW` consecutive int4 weight
+/// rows: `out[r][j] = Σ_t x[r, t] · ŵ[j, t]` (dequantized weights), prefetching the `NW` rows
+/// at `pf` (if not null).
+///
+/// # Safety
+/// `group % 32 == 0`, `k % group == 0`; `x` has `R * k` floats, `w` `NW * k / 2` readable
+/// bytes, `scales` `NW * k / group` floats; `pf` may be anything; CPU features.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+unsafe fn gemv_q4_block<const R: usize, const NW: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    scales: *const f32,
+    group: usize,
+    pf: *const u8,
+    out: &mut [[f32; NW]; R],
+) {
+    let row_bytes = k / 2;
+    let gpr = k / group;
+    let neg8 = _mm256_set1_ps(-8.0);
+    let mut acc = [[_mm256_setzero_ps(); NW]; R];
+    let mut kk = 0;
+    let mut g = 0;
+    while g < gpr {
+        let end = kk + group;
+        while kk < end {
+            if !pf.is_null() && kk % 128 == 0 {
+                // 128 weights = 64 bytes per row.
+                for j in 0..NW {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        pf.wrapping_add(j * row_bytes + kk / 2).cast::<i8>(),
+                    );
+                }
+            }
+            for j in 0..NW {
+                let s = _mm256_broadcast_ss(&*scales.add(j * gpr + g));
+                let m = _mm256_mul_ps(s, neg8);
+                let (lo, hi) = load16_q4(w.add(j * row_bytes + kk / 2), s, m);
+                for r in 0..R {
+                    let xr = x.add(r * k + kk);
+                    acc[r][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), acc[r][j]);
+                    acc[r][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr.add(8)), acc[r][j]);
+                }
+            }
+            kk += 16;
+        }
+        g += 1;
+    }
+    for r in 0..R {
+        for j in 0..NW {
+            out[r][j] = hsum(acc[r][j]);
+        }
+    }
+}
+
+/// int4 GEMV over output features `o0..o1`: `y[r*n + o] = x[r]·ŵ[o] (+ bias[o])`.
+///
+/// # Safety
+/// CPU features; `group % 32 == 0`, `k % group == 0`; `x.len() == rows * k`, de-interleaved
+/// per 16 (`gemv::deinterleave_x`); `q.len() >= o1 * k / 2`, `scales.len() >= o1 * k / group`,
+/// `o0 <= o1 <= n`, `bias` (if any) has `n` elements; `y.0` points to a live `rows * n`
+/// buffer whose columns `o0..o1` no other thread accesses during the call.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_q4_range(
+    x: &[f32],
+    rows: usize,
+    q: &[u8],
+    scales: &[f32],
+    group: usize,
+    k: usize,
+    n: usize,
+    o0: usize,
+    o1: usize,
+    bias: Option<&[f32]>,
+    y: SyncPtr,
+) {
+    debug_assert!(group.is_multiple_of(32) && k.is_multiple_of(group));
+    debug_assert!(x.len() == rows * k && q.len() >= o1 * k / 2 && o1 <= n);
+    debug_assert!(scales.len() >= o1 * (k / group));
+    let row_bytes = k / 2;
+    let gpr = k / group;
+    if rows == 1 {
+        gemv_q4_seq1(
+            x.as_ptr(),
+            k,
+            q.as_ptr().add(o0 * row_bytes),
+            scales.as_ptr().add(o0 * gpr),
+            group,
+            o1 - o0,
+            bias.map_or(core::ptr::null(), |b| b.as_ptr().add(o0)),
+            y.0.add(o0),
+        );
+        return;
+    }
+    if rows < Q4_DEQUANT_MIN_ROWS {
+        macro_rules! block {
+            ($r:expr, $o:expr, $R:literal, $NW:literal) => {{
+                let mut res = [[0.0f32; $NW]; $R];
+                let pf = if $o + 2 * $NW <= o1 {
+                    q.as_ptr().wrapping_add(($o + $NW) * row_bytes)
+                } else {
+                    core::ptr::null()
+                };
+                gemv_q4_block::<$R, $NW>(
+                    x.as_ptr().add($r * k),
+                    k,
+                    q.as_ptr().add($o * row_bytes),
+                    scales.as_ptr().add($o * gpr),
+                    group,
+                    pf,
+                    &mut res,
+                );
+                for (i, row) in res.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        let b = bias.map_or(0.0, |b| b[$o + j]);
+                        *y.0.add(($r + i) * n + $o + j) = v + b;
+                    }
+                }
+            }};
+        }
+        let mut o = o0;
+        while o < o1 {
+            let quad = o1 - o >= 4;
+            let mut r = 0;
+            while r < rows {
+                let rc = if rows - r == 1 { 1 } else { 2 };
+                match (rc, quad) {
+                    (1, true) => block!(r, o, 1, 4),
+                    (_, true) => block!(r, o, 2, 4),
+                    (1, false) => block!(r, o, 1, 1),
+                    _ => block!(r, o, 2, 1),
+                }
+                r += rc;
+            }
+            o += if quad { 4 } else { 1 };
+        }
+        return;
+    }
+    // Several rows of x: dequantize each block of (up to) 4 weight rows once into an f32
+    // buffer — in the same per-16 de-interleaved order as `x` — and run the f32 kernel over
+    // pairs of rows of x (the conversion, ~9 ops per 16 weights, is then paid once per weight
+    // instead of once per pair of rows).
+    with_scratch(|sc| {
+        let buf = ensure_len(&mut sc.t, 4 * k);
+        let mut o = o0;
+        while o < o1 {
+            let nw = (o1 - o).min(4);
+            // Prefetch the block after this one while dequantizing.
+            let pf = q.as_ptr().wrapping_add((o + nw) * row_bytes);
+            dequant_q4_rows(
+                q.as_ptr().add(o * row_bytes),
+                scales.as_ptr().add(o * gpr),
+                group,
+                k,
+                nw,
+                pf,
+                buf.as_mut_ptr(),
+            );
+            let mut r = 0;
+            while r < rows {
+                let rc = if rows - r == 1 { 1 } else { 2 };
+                let xr = x.as_ptr().add(r * k);
+                let put = |i: usize, j: usize, v: f32| {
+                    let b = bias.map_or(0.0, |b| b[o + j]);
+                    *y.0.add((r + i) * n + o + j) = v + b;
+                };
+                let null = core::ptr::null();
+                if nw == 4 {
+                    if rc == 2 {
+                        let mut res = [[0.0f32; 4]; 2];
+                        crate::x86::gemv_block::<f32, 2, 4>(xr, k, buf.as_ptr(), null, &mut res);
+                        for (i, row) in res.iter().enumerate() {
+                            for (j, v) in row.iter().enumerate() {
+                                put(i, j, *v);
+                            }
+                        }
+                    } else {
+                        let mut res = [[0.0f32; 4]; 1];
+                        crate::x86::gemv_block::<f32, 1, 4>(xr, k, buf.as_ptr(), null, &mut res);
+                        for (j, v) in res[0].iter().enumerate() {
+                            put(0, j, *v);
+                        }
+                    }
+                } else {
+                    for j in 0..nw {
+                        let wj = buf.as_ptr().add(j * k);
+                        if rc == 2 {
+                            let mut res = [[0.0f32; 1]; 2];
+                            crate::x86::gemv_block::<f32, 2, 1>(xr, k, wj, null, &mut res);
+                            put(0, j, res[0][0]);
+                            put(1, j, res[1][0]);
+                        } else {
+                            let mut res = [[0.0f32; 1]; 1];
+                            crate::x86::gemv_block::<f32, 1, 1>(xr, k, wj, null, &mut res);
+                            put(0, j, res[0][0]);
+                        }
+                    }
+                }
+                r += rc;
+            }
+            o += nw;
+        }
+    });
+}
+
+/// Dequantizes `nw` consecutive int4 weight rows into `dst` (`nw * k` floats), each row in the
+/// per-16 de-interleaved order of `gemv::deinterleave_x`; prefetches `nw` rows at `pf`.
+///
+/// # Safety
+/// `group % 32 == 0`, `k % group == 0`; `w` points to `nw * k / 2` readable bytes, `scales`
+/// to `nw * k / group` floats, `dst` to `nw * k` writable floats; `pf` may be anything; CPU
+/// features per the module doc.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_q4_rows(
+    w: *const u8,
+    scales: *const f32,
+    group: usize,
+    k: usize,
+    nw: usize,
+    pf: *const u8,
+    dst: *mut f32,
+) {
+    let row_bytes = k / 2;
+    let gpr = k / group;
+    let neg8 = _mm256_set1_ps(-8.0);
+    for j in 0..nw {
+        let wr = w.add(j * row_bytes);
+        let pr = pf.wrapping_add(j * row_bytes);
+        let d = dst.add(j * k);
+        let mut kk = 0;
+        for g in 0..gpr {
+            let s = _mm256_broadcast_ss(&*scales.add(j * gpr + g));
+            let m = _mm256_mul_ps(s, neg8);
+            let end = kk + group;
+            while kk < end {
+                if kk % 128 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(pr.wrapping_add(kk / 2).cast::<i8>());
+                }
+                let (lo, hi) = load16_q4(wr.add(kk / 2), s, m);
+                _mm256_storeu_ps(d.add(kk), lo);
+                _mm256_storeu_ps(d.add(kk + 8), hi);
+                kk += 16;
+            }
+        }
+    }
+}
