@@ -164,22 +164,7 @@ pub(crate) async fn detect(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let f = Fields::new(&body, "");
-    let image_url = f.req_str("image_url")?.to_string();
-    let object = f.req_str("object")?.to_string();
-    let max_objects = f.opt_usize("max_objects")?;
-    let overrides = parse_settings(&f)?;
-    let spec = JobSpec {
-        request: SkillRequest::Detect {
-            object,
-            max_objects,
-        },
-        overrides,
-        image_url: Some(image_url),
-        image_field: "image_url",
-        settings_prefix: SETTINGS,
-    };
-    execute(state, spec, false).await
+    spatial(state, &body, false).await
 }
 
 /// `POST /v1/point`.
@@ -187,18 +172,34 @@ pub(crate) async fn point(
     State(state): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let f = Fields::new(&body, "");
+    spatial(state, &body, true).await
+}
+
+/// Detect (`point = false`) or point: same fields, point also takes spatial refs.
+async fn spatial(
+    state: AppState,
+    body: &serde_json::Map<String, serde_json::Value>,
+    point: bool,
+) -> Result<Response, ApiError> {
+    let f = Fields::new(body, "");
     let image_url = f.req_str("image_url")?.to_string();
     let object = f.req_str("object")?.to_string();
     let max_objects = f.opt_usize("max_objects")?;
-    let spatial_refs = parse_spatial_refs(&f)?;
-    let overrides = parse_settings(&f)?;
-    let spec = JobSpec {
-        request: SkillRequest::Point {
+    let request = if point {
+        SkillRequest::Point {
             object,
             max_objects,
-            spatial_refs,
-        },
+            spatial_refs: parse_spatial_refs(&f)?,
+        }
+    } else {
+        SkillRequest::Detect {
+            object,
+            max_objects,
+        }
+    };
+    let overrides = parse_settings(&f)?;
+    let spec = JobSpec {
+        request,
         overrides,
         image_url: Some(image_url),
         image_field: "image_url",
