@@ -7,6 +7,8 @@
 //! packs `MC` rows of x as 6-wide slivers (`ap[kk*6 + i]`), and runs the 6×16
 //! register-blocked FMA micro-kernel over all (sliver of W) × (sliver of x)
 //! pairs. The W sliver (kc×16 f32) stays in L1 while x slivers stream from L2.
+//! With `Isa::Avx512` pairs of full W slivers (and pairs of x slivers) go
+//! through a 12×32 zmm kernel instead (same packing, kc ≤ `KC_MAX_512`).
 
 use rayon::prelude::*;
 

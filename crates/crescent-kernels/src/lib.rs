@@ -33,8 +33,11 @@
 //!   in tasks of ≤ 768; per K block (≤ 384) the task converts its weight
 //!   panel to f32 into a per-thread buffer (8×8 in-register transposes),
 //!   packs 96 rows of x, and runs a 6×16 AVX2 FMA micro-kernel (12 ymm
-//!   accumulators). Per-thread scratch is reused across calls (no
-//!   allocation in the hot path; re-entrant calls from rayon tasks are safe).
+//!   accumulators) — or, with AVX-512F, a 12×32 zmm kernel (24 accumulators,
+//!   two 16-wide W slivers × two 6-row x slivers; K blocks ≤ 256 so both W
+//!   slivers stay in L1), with 6×32 / 6×16 tiles for the edges. Per-thread
+//!   scratch is reused across calls (no allocation in the hot path;
+//!   re-entrant calls from rayon tasks are safe).
 //! * **Quantized**: the GEMV streams the int8 / int4 bytes once and converts
 //!   them in registers (`vpmovsxbd` / `vpmovzxbd` + nibble mask and shift,
 //!   `vcvtdq2ps`; int8 scales each dot product once, int4 dequantizes with
@@ -43,17 +46,22 @@
 //!   GEMM dequantizes each 16-row sliver of its panel to f32 and reuses the
 //!   f32 micro-kernel. The AVX2 int4 GEMV needs groups that are multiples of
 //!   32 (else portable).
-//! * **ISA**: AVX2 + FMA + F16C detected at runtime; otherwise (or with
-//!   `CRESCENT_KERNELS_ISA=portable`) the same blocking in plain Rust that
-//!   LLVM auto-vectorises. Numerics: f32 accumulation; tests check every
+//! * **ISA**: AVX-512F (GEMM micro-kernel only; everything else AVX2), AVX2 +
+//!   FMA + F16C detected at runtime; otherwise the same blocking in plain
+//!   Rust that LLVM auto-vectorises. `CRESCENT_KERNELS_ISA=avx2` / `portable`
+//!   caps the level. Numerics: f32 accumulation; tests check every
 //!   path/ISA/dtype against an f64 reference (error ≤ 1e-5 · Σ|x·w|).
 //!
 //! ## Measured (`cargo run --release -p crescent-kernels --example kbench`)
-//! Dev VM: 2 cores of an AMD EPYC family 26 (Zen 5; it also has AVX-512,
-//! which is not used yet), 2 rayon threads, bf16 weights, median ms per
-//! call, weights rotated over ≥ 256 MiB so decode reads come from DRAM.
-//! The machine is shared and its DRAM bandwidth drifts (the probe read
+//! Dev VM: 2 cores of an AMD EPYC family 26 (Zen 5), 2 rayon threads, bf16
+//! weights, median ms per call, weights rotated over ≥ 256 MiB so decode
+//! reads come from DRAM. The machine is shared and its DRAM bandwidth drifts (the probe read
 //! 50–74 GB/s within minutes), so ratios are approximate.
+//! Tables below: AVX2 GEMM kernel. The AVX-512 GEMM kernel (same VM, paired
+//! runs against the AVX2 build): 1152→4304 rows 729 / 9477 ≈ 370 / 350
+//! GFLOP/s (AVX2 ≈ 215 / 210), 2048→8192 rows 729 / 2048 ≈ 335–375 / 340
+//! (AVX2 ≈ 170–215 / 180–200); one thread 2048→8192 × 729: 160 vs 95
+//! (≈ 1.6–1.8× throughout; the VM is noisy, single runs vary ± 20 %).
 //!
 //! | probe | value |
 //! |---|---|
