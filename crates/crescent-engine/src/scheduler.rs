@@ -498,21 +498,31 @@ impl Scheduler {
     fn encode_new_images(&mut self, rows: &[usize]) {
         let t0 = Instant::now();
         let bos = self.model.config.tokenizer.bos_id;
-        let mut inputs: Vec<([u8; 32], Tensor)> = Vec::new();
+        // The distinct new images, their crops encoded in one vision batch; if that fails (one
+        // bad image), each image is encoded alone so only the bad one fails.
+        let mut uniq: Vec<([u8; 32], Vec<f32>, (usize, usize))> = Vec::new();
         for &r in rows {
             let Some(img) = self.running[r].image.as_ref() else {
                 continue;
             };
-            if inputs.iter().any(|(h, _)| *h == img.hash) {
-                continue;
+            if !uniq.iter().any(|(h, _, _)| *h == img.hash) {
+                uniq.push((img.hash, img.crops.normalized_chw(), img.crops.tiling));
             }
-            let pixels = img.crops.normalized_chw();
-            let x = self
-                .model
-                .encode_image(&pixels, img.crops.tiling, None)
-                .and_then(|e| Ok(Tensor::cat(&[&self.model.text.embed_ids(&[bos])?, &e], 0)?));
+        }
+        let batch: Vec<(&[f32], (usize, usize))> =
+            uniq.iter().map(|(_, p, t)| (p.as_slice(), *t)).collect();
+        let embeds: Vec<crescent_model::Result<Tensor>> = match self.model.encode_images(&batch) {
+            Ok(all) => all.into_iter().map(Ok).collect(),
+            Err(_) => batch
+                .iter()
+                .map(|(p, t)| self.model.encode_image(p, *t, None))
+                .collect(),
+        };
+        let mut inputs: Vec<([u8; 32], Tensor)> = Vec::new();
+        for ((hash, _, _), e) in uniq.iter().zip(embeds) {
+            let x = e.and_then(|e| Ok(Tensor::cat(&[&self.model.text.embed_ids(&[bos])?, &e], 0)?));
             match x {
-                Ok(x) => inputs.push((img.hash, x)),
+                Ok(x) => inputs.push((*hash, x)),
                 Err(e) => tracing::warn!(error = %e, "vision encoder failed for one image"),
             }
         }

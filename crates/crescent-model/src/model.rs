@@ -151,6 +151,58 @@ impl Moondream {
             .embed_image(&t, tiling, self.vision_batch, trace)
     }
 
+    /// Image-token embeddings of several images at once: the crops of all images go through
+    /// the vision encoder together (in batches of the configured size), then each image's
+    /// features are stitched, pooled and projected on their own. Fails as a whole if any image's
+    /// pixel count does not match its tiling.
+    pub fn encode_images(&self, images: &[(&[f32], (usize, usize))]) -> Result<Vec<Tensor>> {
+        let v = &self.config.vision;
+        let per = v.in_channels * v.crop_size * v.crop_size;
+        let mut counts = Vec::with_capacity(images.len());
+        let mut all: Vec<f32> = Vec::new();
+        for (px, tiling) in images {
+            let n = tiling.0 * tiling.1 + 1;
+            if px.len() != n * per {
+                return Err(ModelError::Input(format!(
+                    "expected {n} crops for tiling {}x{}, got {} values",
+                    tiling.0,
+                    tiling.1,
+                    px.len()
+                )));
+            }
+            counts.push(n);
+            all.extend_from_slice(px);
+        }
+        let total: usize = counts.iter().sum();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let t = Tensor::from_vec(
+            all,
+            (total, v.in_channels, v.crop_size, v.crop_size),
+            &Device::Cpu,
+        )?;
+        let batch = self.vision_batch.max(1);
+        let mut feats = Vec::new();
+        let mut s = 0;
+        while s < total {
+            let len = batch.min(total - s);
+            feats.push(self.vision.encode_crops(&t.narrow(0, s, len)?, None)?);
+            s += len;
+        }
+        let feats = Tensor::cat(&feats, 0)?;
+        let mut out = Vec::with_capacity(images.len());
+        let mut off = 0;
+        for ((_, tiling), n) in images.iter().zip(&counts) {
+            out.push(
+                self.vision
+                    .project(&feats.narrow(0, off, *n)?, *tiling, None)?,
+            );
+            off += n;
+        }
+        Ok(out)
+    }
+
     /// Input embedding `[D]` of one typed token.
     pub fn embed_token(&self, tok: &Token) -> Result<Tensor> {
         match *tok {
