@@ -500,7 +500,9 @@ impl Scheduler {
         let bos = self.model.config.tokenizer.bos_id;
         // The distinct new images, their crops encoded in one vision batch; if that fails (one
         // bad image), each image is encoded alone so only the bad one fails.
-        let mut uniq: Vec<([u8; 32], Vec<f32>, (usize, usize))> = Vec::new();
+        // (image hash, normalised crops, tiling)
+        type NewImage = ([u8; 32], Vec<f32>, (usize, usize));
+        let mut uniq: Vec<NewImage> = Vec::new();
         for &r in rows {
             let Some(img) = self.running[r].image.as_ref() else {
                 continue;
