@@ -305,6 +305,47 @@ pub(crate) fn check_len(what: &str, got: usize, a: (&str, usize), b: (&str, usiz
     );
 }
 
+/// Validation shared by every matmul entry point; returns whether there is work to do (and
+/// writes the bias / zeros for `in_features == 0`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prologue(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> bool {
+    check_len("x", x.len(), ("rows", rows), ("in_features", k));
+    check_len("y", y.len(), ("rows", rows), ("out_features", n));
+    if let Some(b) = bias {
+        assert!(
+            b.len() == n,
+            "crescent-kernels matmul: bias has {} elements, expected out_features = {n}",
+            b.len()
+        );
+    }
+    assert!(
+        isa.is_supported(),
+        "crescent-kernels matmul: {} kernels are not supported by this CPU",
+        isa.name()
+    );
+    if rows == 0 || n == 0 {
+        return false;
+    }
+    if k == 0 {
+        for row in y.chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        return false;
+    }
+    true
+}
+
 /// [`matmul`] with an explicit kernel level and algorithm (benchmarks,
 /// tests, comparisons).
 ///
@@ -323,31 +364,8 @@ pub fn matmul_forced<W: WeightElem>(
     y: &mut [f32],
 ) {
     let (n, k) = (out_features, in_features);
-    check_len("x", x.len(), ("rows", rows), ("in_features", k));
     check_len("w", w.len(), ("out_features", n), ("in_features", k));
-    check_len("y", y.len(), ("rows", rows), ("out_features", n));
-    if let Some(b) = bias {
-        assert!(
-            b.len() == n,
-            "crescent-kernels matmul: bias has {} elements, expected out_features = {n}",
-            b.len()
-        );
-    }
-    assert!(
-        isa.is_supported(),
-        "crescent-kernels matmul: {} kernels are not supported by this CPU",
-        isa.name()
-    );
-    if rows == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for row in y.chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(b),
-                None => row.fill(0.0),
-            }
-        }
+    if !prologue(isa, x, rows, n, k, bias, y) {
         return;
     }
     let use_gemv = match path {

@@ -430,47 +430,6 @@ fn portable_gemv_q4(
     });
 }
 
-/// Validation shared by the quantized matmuls; returns whether there is work to do (and
-/// writes the bias / zeros for `in_features == 0`).
-#[allow(clippy::too_many_arguments)]
-fn prologue(
-    isa: Isa,
-    x: &[f32],
-    rows: usize,
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) -> bool {
-    check_len("x", x.len(), ("rows", rows), ("in_features", k));
-    check_len("y", y.len(), ("rows", rows), ("out_features", n));
-    if let Some(b) = bias {
-        assert!(
-            b.len() == n,
-            "crescent-kernels matmul: bias has {} elements, expected out_features = {n}",
-            b.len()
-        );
-    }
-    assert!(
-        isa.is_supported(),
-        "crescent-kernels matmul: {} kernels are not supported by this CPU",
-        isa.name()
-    );
-    if rows == 0 || n == 0 {
-        return false;
-    }
-    if k == 0 {
-        for row in y.chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(b),
-                None => row.fill(0.0),
-            }
-        }
-        return false;
-    }
-    true
-}
-
 /// `y[r, o] = scales[o] · Σ_i x[r, i] · q[o, i] (+ bias[o])` with int8 weights `q`
 /// (`[out_features, in_features]`, see [`quantize_q8`]) and f32 accumulation. Layouts and
 /// threading as [`crate::matmul`].
@@ -526,7 +485,7 @@ pub fn matmul_q8_forced(
         "crescent-kernels matmul_q8: scales has {} elements, expected out_features = {n}",
         scales.len()
     );
-    if !prologue(isa, x, rows, n, k, bias, y) {
+    if !crate::prologue(isa, x, rows, n, k, bias, y) {
         return;
     }
     let w = Q8Ref { q, scales };
@@ -615,7 +574,7 @@ pub fn matmul_q4_forced(
         ("out_features", n),
         ("in_features / group", k / group),
     );
-    if !prologue(isa, x, rows, n, k, bias, y) {
+    if !crate::prologue(isa, x, rows, n, k, bias, y) {
         return;
     }
     let w = Q4Ref { q, scales, group };
