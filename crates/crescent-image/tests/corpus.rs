@@ -162,21 +162,6 @@ fn webp_chunk_offset(webp: &[u8], fourcc: &[u8; 4]) -> usize {
         .expect("chunk present")
 }
 
-fn bmp_header(w: i32, h: i32) -> Vec<u8> {
-    let mut b = b"BM".to_vec();
-    b.extend(70u32.to_le_bytes());
-    b.extend([0u8; 4]);
-    b.extend(54u32.to_le_bytes());
-    b.extend(40u32.to_le_bytes());
-    b.extend(w.to_le_bytes());
-    b.extend(h.to_le_bytes());
-    b.extend(1u16.to_le_bytes());
-    b.extend(24u16.to_le_bytes());
-    b.extend([0u8; 24]);
-    b.extend([0u8; 16]);
-    b
-}
-
 fn tiff_header(w: u32, h: u32) -> Vec<u8> {
     let entries: [(u16, u16, u32); 8] = [
         (256, 4, w),
@@ -347,10 +332,13 @@ fn regenerate_corpus() {
     files.push(("toolarge_webp_canvas_16777216.webp", w));
 
     // BMP and TIFF header claims.
-    files.push(("toolarge_bmp_2147483647x1.bmp", bmp_header(0x7fff_ffff, 1)));
+    files.push((
+        "toolarge_bmp_2147483647x1.bmp",
+        common::bmp_header(0x7fff_ffff, 1),
+    ));
     files.push((
         "toolarge_bmp_top_down_huge.bmp",
-        bmp_header(50_000, -50_000),
+        common::bmp_header(50_000, -50_000),
     ));
     files.push((
         "toolarge_tiff_4294967295.tif",

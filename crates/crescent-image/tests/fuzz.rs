@@ -655,21 +655,6 @@ fn huge_webp(w: u32, h: u32, rng: &mut XorShift) -> Vec<u8> {
     }
 }
 
-fn huge_bmp(w: u32, h: u32) -> Vec<u8> {
-    let mut b = b"BM".to_vec();
-    b.extend(70u32.to_le_bytes());
-    b.extend([0u8; 4]);
-    b.extend(54u32.to_le_bytes());
-    b.extend(40u32.to_le_bytes());
-    b.extend(w.to_le_bytes());
-    b.extend(h.to_le_bytes());
-    b.extend(1u16.to_le_bytes());
-    b.extend(24u16.to_le_bytes());
-    b.extend([0u8; 24]);
-    b.extend([0u8; 16]);
-    b
-}
-
 fn huge_tiff(w: u32, h: u32) -> Vec<u8> {
     let entries: [(u16, u16, u32, u32); 8] = [
         (256, 4, 1, w),   // ImageWidth, LONG
@@ -724,7 +709,7 @@ fn fuzz_huge_dimension_headers() {
             1 => huge_jpeg(w, h, &template),
             2 => huge_gif(w, h, rng.below(2) == 0),
             3 => huge_webp(w, h, &mut rng),
-            4 => huge_bmp(w, h),
+            4 => common::bmp_header(w as i32, h as i32),
             _ => huge_tiff(w, h),
         };
         // What the header really says once the format has masked the fields (VP8L and VP8

@@ -213,3 +213,20 @@ pub fn helpers_self_check() {
     let img = image::load_from_memory(&png).unwrap().into_rgb8();
     assert_eq!(img.into_raw(), vec![10, 20, 30]);
 }
+
+/// A 24-bit BMP header (54 bytes plus padding) announcing `w` x `h` pixels and no pixel data
+/// (negative `h` = top-down; the bits are written as given).
+pub fn bmp_header(w: i32, h: i32) -> Vec<u8> {
+    let mut b = b"BM".to_vec();
+    b.extend(70u32.to_le_bytes());
+    b.extend([0u8; 4]);
+    b.extend(54u32.to_le_bytes());
+    b.extend(40u32.to_le_bytes());
+    b.extend(w.to_le_bytes());
+    b.extend(h.to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend(24u16.to_le_bytes());
+    b.extend([0u8; 24]);
+    b.extend([0u8; 16]);
+    b
+}
