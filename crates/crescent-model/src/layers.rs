@@ -221,23 +221,8 @@ impl Weight {
         if quant == Quantize::None {
             return Self::load(ck, name, shape, ws);
         }
-        let (m, dtype) = ck.mapped(name, shape)?;
-        let cols = *shape.last().unwrap_or(&1);
-        let rows = shape
-            .iter()
-            .product::<usize>()
-            .checked_div(cols)
-            .unwrap_or(0);
-        let align = if dtype == DType::F32 { 4 } else { 2 };
-        let w = if (m.bytes().as_ptr() as usize).is_multiple_of(align) {
-            Self {
-                data: WeightData::Mapped(m.clone(), dtype),
-                rows,
-                cols,
-            }
-        } else {
-            Self::from_tensor(&ck.get(name, shape)?, WeightStorage::Checkpoint)?
-        };
+        let (m, _) = ck.mapped(name, shape)?;
+        let w = Self::load(ck, name, shape, WeightStorage::Checkpoint)?;
         let q = w.quantized(quant, name)?;
         drop(w);
         m.release();
@@ -447,16 +432,7 @@ impl Linear {
         bias: bool,
         ws: WeightStorage,
     ) -> Result<Self> {
-        let weight = Weight::load(ck, &format!("{prefix}.weight"), &[out, inp], ws)?;
-        let bias = if bias {
-            Some(
-                ck.get_f32(&format!("{prefix}.bias"), &[out])?
-                    .to_vec1::<f32>()?,
-            )
-        } else {
-            None
-        };
-        Ok(Self { weight, bias })
+        Self::load_quantized(ck, prefix, inp, out, bias, Quantize::None, ws)
     }
 
     /// [`Linear::load`] with the weight quantized per `quant` (bias stays f32).
