@@ -1,18 +1,19 @@
 //! Large-`rows` (prefill / vision) path: a BLIS-style blocked GEMM.
 //!
 //! `y[m, n] = x[m, k] · w[n, k]ᵀ`. The output features are split into
-//! panels of `nc` (≈ 256) columns, one or more rayon tasks per panel. For
-//! each K block of `kc` (≤ `KC_MAX`) a task converts its weight panel to f32
-//! into a per-thread buffer laid out as 16-wide slivers (`bp[kk*16 + j]`),
-//! packs `MC` rows of x as 6-wide slivers (`ap[kk*6 + i]`), and runs the 6×16
+//! panels of `nc` (≈ 256) columns, one or more rayon tasks per panel. All of
+//! x is packed once per call (in parallel) as 6-wide slivers per K block
+//! (`ap[kk*6 + i]`), shared by every panel. For each K block of `kc`
+//! (≤ `KC_MAX`) a task converts its weight panel to f32 into a per-thread
+//! buffer laid out as 16-wide slivers (`bp[kk*16 + j]`) and runs the 6×16
 //! register-blocked FMA micro-kernel over all (sliver of W) × (sliver of x)
-//! pairs. The W sliver (kc×16 f32) stays in L1 while x slivers stream from L2.
+//! pairs. x, W and y may be strided views (attention reads heads in place). The W sliver (kc×16 f32) stays in L1 while x slivers stream from L2.
 //! With `Isa::Avx512` pairs of full W slivers (and pairs of x slivers) go
 //! through a 12×32 zmm kernel instead (same packing, kc ≤ `KC_MAX_512`).
 
 use rayon::prelude::*;
 
-use crate::util::{div_ceil, round_up, with_scratch, SyncPtr};
+use crate::util::{div_ceil, round_up, with_call_scratch, with_scratch, SyncPtr};
 use crate::weights::WeightElem;
 use crate::Isa;
 
@@ -32,6 +33,8 @@ const NC_MAX: usize = 512;
 const PAR_MIN_MACS: usize = 1 << 20;
 /// Max rows of x per task (a multiple of `MR`).
 const MCHUNK_MAX: usize = 768;
+/// Max rows of x packed at once (a multiple of `MCHUNK_MAX`); taller calls run in row chunks.
+const PACK_ROWS_MAX: usize = 4 * MCHUNK_MAX;
 
 /// Returns a 64-byte-aligned sub-slice of `n` floats of `v` (grown as needed).
 fn aligned(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -94,24 +97,47 @@ fn pack_b<W: WeightElem>(
     }
 }
 
-/// Packs rows `m0..m0+mc` of `x`, columns `pc..pc+kcc`, into 6-wide slivers:
-/// `ap[s*6*kcc + kk*6 + i] = x[m0 + 6s + i, pc + kk]` (0 past the end).
-fn pack_a(x: &[f32], k: usize, m0: usize, mc: usize, pc: usize, kcc: usize, ap: &mut [f32]) {
-    let msl = div_ceil(mc, MR);
-    for (s, dst) in ap[..msl * MR * kcc].chunks_exact_mut(MR * kcc).enumerate() {
-        for i in 0..MR {
-            let r = s * MR + i;
-            if r >= mc {
-                for kk in 0..kcc {
-                    dst[kk * MR + i] = 0.0;
+/// Packs all of `x` (`m` rows with stride `lda`, `k` columns) into 6-wide slivers per K
+/// block: block `pc .. pc+kcc` starts at `pc * m_pad` and holds
+/// `ap[pc*m_pad + s*6*kcc + kk*6 + i] = x[(6s + i)*lda + pc + kk]` (0 past row `m`).
+/// Slivers are packed in parallel when the call is parallel.
+#[allow(clippy::too_many_arguments)]
+fn pack_a_all(x: &[f32], lda: usize, m: usize, k: usize, kc: usize, ap: &mut [f32], par: bool) {
+    let m_pad = round_up(m, MR);
+    let msl = m_pad / MR;
+    // One sliver (6 rows × all K blocks) per unit of work: its pieces are disjoint.
+    let ptr = SyncPtr(ap.as_mut_ptr());
+    assert!(ap.len() >= m_pad * k);
+    let one = |s: usize| {
+        let ptr = ptr;
+        let mut pc = 0;
+        while pc < k {
+            let kcc = kc.min(k - pc);
+            // SAFETY: sliver `s` of K block `pc` is `ap[pc*m_pad + s*6*kcc ..][..6*kcc]`,
+            // inside `ap` (asserted length) and written by this closure call only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(ptr.0.add(pc * m_pad + s * MR * kcc), MR * kcc)
+            };
+            for i in 0..MR {
+                let r = s * MR + i;
+                if r >= m {
+                    for kk in 0..kcc {
+                        dst[kk * MR + i] = 0.0;
+                    }
+                    continue;
                 }
-                continue;
+                let src = &x[r * lda + pc..r * lda + pc + kcc];
+                for (kk, v) in src.iter().enumerate() {
+                    dst[kk * MR + i] = *v;
+                }
             }
-            let src = &x[(m0 + r) * k + pc..(m0 + r) * k + pc + kcc];
-            for (kk, v) in src.iter().enumerate() {
-                dst[kk * MR + i] = *v;
-            }
+            pc += kcc;
         }
+    };
+    if par && msl > 1 {
+        (0..msl).into_par_iter().with_min_len(8).for_each(one);
+    } else {
+        (0..msl).for_each(one);
     }
 }
 
@@ -151,6 +177,60 @@ impl<W: WeightElem> PackB for Dense<'_, W> {
         tmp: &mut Vec<f32>,
     ) {
         pack_b(isa, self.0, k, n0, n1, pc, kcc, bp, tmp);
+    }
+}
+
+/// f32 rows with a stride: element `(j, i)` (output feature `j`, input `i`) at `w[j*ld + i]`.
+pub(crate) struct RowsLd<'a> {
+    pub(crate) w: &'a [f32],
+    pub(crate) ld: usize,
+}
+
+impl PackB for RowsLd<'_> {
+    fn pack_b(
+        &self,
+        isa: Isa,
+        _k: usize,
+        n0: usize,
+        n1: usize,
+        pc: usize,
+        kcc: usize,
+        bp: &mut [f32],
+        tmp: &mut Vec<f32>,
+    ) {
+        pack_b(isa, self.w, self.ld, n0, n1, pc, kcc, bp, tmp);
+    }
+}
+
+/// f32 K-major matrix: element `(j, i)` (output feature `j`, input `i`) at `w[i*ld + j]`,
+/// i.e. `y = x · w` for a row-major `w` `[k, n]` (attention's `P · V`).
+pub(crate) struct KMajor<'a> {
+    pub(crate) w: &'a [f32],
+    pub(crate) ld: usize,
+}
+
+impl PackB for KMajor<'_> {
+    fn pack_b(
+        &self,
+        _isa: Isa,
+        _k: usize,
+        n0: usize,
+        n1: usize,
+        pc: usize,
+        kcc: usize,
+        bp: &mut [f32],
+        _tmp: &mut Vec<f32>,
+    ) {
+        let nsl = div_ceil(n1 - n0, NR);
+        for (s, dst) in bp[..nsl * NR * kcc].chunks_exact_mut(NR * kcc).enumerate() {
+            let j0 = n0 + s * NR;
+            let nr = NR.min(n1 - j0);
+            for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
+                let src = &self.w[(pc + kk) * self.ld + j0..(pc + kk) * self.ld + j0 + nr];
+                d[..nr].copy_from_slice(src);
+                d[nr..].fill(0.0);
+            }
+        }
     }
 }
 
@@ -216,7 +296,8 @@ unsafe fn tile(
 #[allow(clippy::too_many_arguments)]
 fn task<B: PackB>(
     isa: Isa,
-    x: &[f32],
+    apk: &[f32],
+    m_pad: usize,
     m0: usize,
     m1: usize,
     w: &B,
@@ -232,7 +313,6 @@ fn task<B: PackB>(
     let nsl = div_ceil(nb, NR);
     with_scratch(|s| {
         let bp = aligned(&mut s.b, nsl * NR * kc);
-        let ap = aligned(&mut s.a, MC * kc);
         let mut pc = 0;
         while pc < k {
             let kcc = kc.min(k - pc);
@@ -242,7 +322,8 @@ fn task<B: PackB>(
             while ic < m1 {
                 let mc = MC.min(m1 - ic);
                 let msl = div_ceil(mc, MR);
-                pack_a(x, k, ic, mc, pc, kcc, ap);
+                // This row block's slivers of the packed x (`ic` is a multiple of MR).
+                let ap = &apk[pc * m_pad + ic * kcc..pc * m_pad + (ic + msl * MR) * kcc];
                 // One 6×16 tile (edge tiles through a local buffer).
                 let tile16 = |js: usize, is: usize| {
                     let bsl = &bp[js * NR * kcc..(js + 1) * NR * kcc];
@@ -361,7 +442,7 @@ fn task<B: PackB>(
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)`; arguments already validated,
-/// `k > 0`.
+/// `k > 0`. Contiguous x and y.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<B: PackB>(
     isa: Isa,
@@ -373,7 +454,47 @@ pub(crate) fn gemm<B: PackB>(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    debug_assert!(k > 0);
+    gemm_ld(isa, x, k, m, w, n, k, bias, y, n);
+}
+
+/// [`gemm`] with row strides: row `r` of x at `x[r*lda..]`, of y at `y[r*ldy..]` (only the
+/// first `n` columns of each y row are written). `k > 0`, `lda >= k`, `ldy >= n`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_ld<B: PackB>(
+    isa: Isa,
+    x: &[f32],
+    lda: usize,
+    m: usize,
+    w: &B,
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    ldy: usize,
+) {
+    debug_assert!(k > 0 && lda >= k && ldy >= n);
+    assert!(m == 0 || ((m - 1) * lda + k <= x.len() && (m - 1) * ldy + n <= y.len()));
+    if m > PACK_ROWS_MAX {
+        // Bound the packed copy of x (≤ PACK_ROWS_MAX · k floats per thread, kept for reuse).
+        let mut r = 0;
+        while r < m {
+            let len = PACK_ROWS_MAX.min(m - r);
+            gemm_ld(
+                isa,
+                &x[r * lda..],
+                lda,
+                len,
+                w,
+                n,
+                k,
+                bias,
+                &mut y[r * ldy..],
+                ldy,
+            );
+            r += len;
+        }
+        return;
+    }
     let yp = SyncPtr(y.as_mut_ptr());
     let kc_max = if isa == Isa::Avx512 {
         KC_MAX_512
@@ -403,18 +524,25 @@ pub(crate) fn gemm<B: PackB>(
     // thread: 97 → 114 GFLOP/s).
     let mchunk = round_up(div_ceil(m, msplit), MR).min(MCHUNK_MAX);
     let msplit = div_ceil(m, mchunk);
+    let m_pad = round_up(m, MR);
 
-    // Row-chunk-major task order: consecutive tasks (which rayon hands to the
-    // same thread) share their rows of x, and sweep all weight panels.
-    let run = |t: usize| {
-        let (s, p) = (t / npan, t % npan);
-        let (n0, n1) = (p * nc, ((p + 1) * nc).min(n));
-        let (m0, m1) = (s * mchunk, ((s + 1) * mchunk).min(m));
-        task(isa, x, m0, m1, w, n, n0, n1, k, kc, bias, yp);
-    };
-    if serial {
-        (0..npan * msplit).for_each(run);
-    } else {
-        (0..npan * msplit).into_par_iter().for_each(run);
-    }
+    with_call_scratch(|buf| {
+        // x packed once for every panel (it used to be re-packed per panel: 9 % of vision).
+        let apk = aligned(buf, m_pad * k);
+        pack_a_all(x, lda, m, k, kc, apk, !serial);
+        let apk = &*apk;
+        // Row-chunk-major task order: consecutive tasks (which rayon hands to the
+        // same thread) share their rows of x, and sweep all weight panels.
+        let run = |t: usize| {
+            let (s, p) = (t / npan, t % npan);
+            let (n0, n1) = (p * nc, ((p + 1) * nc).min(n));
+            let (m0, m1) = (s * mchunk, ((s + 1) * mchunk).min(m));
+            task(isa, apk, m_pad, m0, m1, w, ldy, n0, n1, k, kc, bias, yp);
+        };
+        if serial {
+            (0..npan * msplit).for_each(run);
+        } else {
+            (0..npan * msplit).into_par_iter().for_each(run);
+        }
+    });
 }

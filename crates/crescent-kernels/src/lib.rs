@@ -103,6 +103,7 @@
 mod bench;
 mod gemm;
 mod gemv;
+mod ops;
 mod portable;
 mod quant;
 mod util;
@@ -116,6 +117,10 @@ use std::sync::OnceLock;
 
 pub use bench::{bandwidth_gb_s, gemm_peak_gflops};
 pub use half::{bf16, f16};
+pub use ops::{
+    add_assign, axpy_rows, dot, dot_rows, exp_inplace, geglu, gelu_erf, gelu_tanh, layer_norm,
+    softmax_scaled,
+};
 pub use quant::{
     dequantize_q4_row, dequantize_q8_row, matmul_q4, matmul_q4_forced, matmul_q8, matmul_q8_forced,
     quantize_q4, quantize_q8, Q4_GROUP,
@@ -377,6 +382,101 @@ pub fn matmul_forced<W: WeightElem>(
         gemv::gemv(isa, x, rows, w, n, k, bias, y);
     } else {
         gemm::gemm(isa, x, rows, &gemm::Dense(w), n, k, bias, y);
+    }
+}
+
+/// The f32 right-hand matrix of [`matmul_f32_strided`], read in place (no copy).
+#[derive(Clone, Copy, Debug)]
+pub enum Rhs<'a> {
+    /// `y = x · wᵀ`: output feature `j` is the row `w[j·ld .. j·ld + k]` (e.g. attention keys
+    /// `[s, heads·hd]`, one head's columns).
+    Rows {
+        /// Elements.
+        w: &'a [f32],
+        /// Row stride.
+        ld: usize,
+    },
+    /// `y = x · w`: `w` is `[k, n]` row-major with row stride `ld` (e.g. attention values).
+    Cols {
+        /// Elements.
+        w: &'a [f32],
+        /// Row stride.
+        ld: usize,
+    },
+}
+
+/// Strided f32 GEMM for attention: `y[r·ldy + j] = Σ_i x[r·lda + i] · rhs(j, i)` for
+/// `r < rows`, `j < n`, `i < k` (only those elements of `y` are written). Always the blocked
+/// GEMM (intended for many rows), f32 accumulation, rayon's pool.
+///
+/// # Panics
+/// If a stride is smaller than its row width or a slice is too short (programmer error).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32_strided(
+    x: &[f32],
+    lda: usize,
+    rows: usize,
+    rhs: Rhs<'_>,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+    ldy: usize,
+) {
+    assert!(
+        lda >= k && ldy >= n,
+        "crescent-kernels: stride below row width"
+    );
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (rows - 1) * lda + k <= x.len() && (rows - 1) * ldy + n <= y.len(),
+        "crescent-kernels: x or y too short for {rows} strided rows"
+    );
+    if k == 0 {
+        for r in 0..rows {
+            y[r * ldy..r * ldy + n].fill(0.0);
+        }
+        return;
+    }
+    let isa = Isa::detect();
+    match rhs {
+        Rhs::Rows { w, ld } => {
+            assert!(
+                ld >= k && (n - 1) * ld + k <= w.len(),
+                "crescent-kernels: rhs too short"
+            );
+            gemm::gemm_ld(
+                isa,
+                x,
+                lda,
+                rows,
+                &gemm::RowsLd { w, ld },
+                n,
+                k,
+                None,
+                y,
+                ldy,
+            );
+        }
+        Rhs::Cols { w, ld } => {
+            assert!(
+                ld >= n && (k - 1) * ld + n <= w.len(),
+                "crescent-kernels: rhs too short"
+            );
+            gemm::gemm_ld(
+                isa,
+                x,
+                lda,
+                rows,
+                &gemm::KMajor { w, ld },
+                n,
+                k,
+                None,
+                y,
+                ldy,
+            );
+        }
     }
 }
 

@@ -498,3 +498,66 @@ fn quantized_degenerate_dims() {
     matmul_q4(&[], 2, &[], &[], 32, 3, 0, None, &mut y);
     assert_eq!(y, [0.0; 6]);
 }
+
+#[test]
+fn strided_gemm_matches_naive() {
+    // Attention-shaped views: heads of a [t, 3·w] qkv buffer, output into one head's columns.
+    let (t, heads, hd) = (37, 3, 20);
+    let w = heads * hd;
+    let qkv: Vec<f32> = (0..t * 3 * w)
+        .map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0)
+        .collect();
+    for h in 0..heads {
+        let q = &qkv[h * hd..];
+        let k = &qkv[w + h * hd..];
+        let mut scores = vec![0f32; t * t];
+        crate::matmul_f32_strided(
+            q,
+            3 * w,
+            t,
+            crate::Rhs::Rows { w: k, ld: 3 * w },
+            t,
+            hd,
+            &mut scores,
+            t,
+        );
+        for i in 0..t {
+            for j in 0..t {
+                let want: f64 = (0..hd)
+                    .map(|d| {
+                        qkv[i * 3 * w + h * hd + d] as f64 * qkv[j * 3 * w + w + h * hd + d] as f64
+                    })
+                    .sum();
+                assert!((scores[i * t + j] as f64 - want).abs() < 1e-4);
+            }
+        }
+        let v = &qkv[2 * w + h * hd..];
+        let mut out = vec![7f32; t * w];
+        crate::matmul_f32_strided(
+            &scores,
+            t,
+            t,
+            crate::Rhs::Cols { w: v, ld: 3 * w },
+            hd,
+            t,
+            &mut out[h * hd..],
+            w,
+        );
+        for i in 0..t {
+            for d in 0..hd {
+                let want: f64 = (0..t)
+                    .map(|j| scores[i * t + j] as f64 * qkv[j * 3 * w + 2 * w + h * hd + d] as f64)
+                    .sum();
+                assert!(
+                    (out[i * w + h * hd + d] as f64 - want).abs() < 1e-3,
+                    "{} vs {want}",
+                    out[i * w + h * hd + d]
+                );
+            }
+            // Columns of other heads untouched.
+            for c in (0..w).filter(|c| *c < h * hd || *c >= (h + 1) * hd) {
+                assert_eq!(out[i * w + c], 7.0);
+            }
+        }
+    }
+}

@@ -22,7 +22,6 @@ unsafe impl Sync for SyncPtr {}
 /// allocate (a 300 KB `Vec` would be an mmap + page faults on every call).
 #[derive(Default)]
 pub(crate) struct Scratch {
-    pub(crate) a: Vec<f32>,
     pub(crate) b: Vec<f32>,
     pub(crate) t: Vec<f32>,
 }

@@ -481,9 +481,14 @@ impl Linear {
     /// Apply to a row-major `x` `[rows, in]`, giving `[rows, out]`.
     pub fn forward_slice(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut y = vec![0f32; rows * self.out_dim()];
-        self.weight
-            .matmul_rows(0, self.out_dim(), x, rows, self.bias.as_deref(), &mut y);
+        self.forward_into(x, rows, &mut y);
         y
+    }
+
+    /// Apply to a row-major `x` `[rows, in]`, overwriting `y` `[rows, out]` (no allocation).
+    pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.weight
+            .matmul_rows(0, self.out_dim(), x, rows, self.bias.as_deref(), y);
     }
 
     /// Apply to `x` `[..., in]` (f32) → `[..., out]` (f32).
@@ -528,35 +533,34 @@ impl LayerNorm {
     /// Normalise `x` `[..., dim]` over its last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let n = self.weight.len();
         let data = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; data.len()];
-        for (row, o) in data.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            layer_norm_row(row, &self.weight, &self.bias, o);
-        }
+        self.forward_into(&data, &mut out);
         Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
-}
 
-/// LayerNorm of one row into `out`.
-pub fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    let inv = 1.0 / (var + LN_EPS).sqrt();
-    for i in 0..x.len() {
-        out[i] = (x[i] - mean) * inv * w[i] + b[i];
+    /// Normalise each `dim`-wide row of `x` into `out` (same length).
+    pub fn forward_into(&self, x: &[f32], out: &mut [f32]) {
+        crescent_kernels::layer_norm(x, &self.weight, &self.bias, LN_EPS, out);
     }
 }
 
 /// Tanh-approximated GELU (PyTorch `gelu(approximate="tanh")`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu()?)
+    map_tensor(x, crescent_kernels::gelu_tanh)
 }
 
 /// Exact erf GELU (PyTorch `gelu`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu_erf()?)
+    map_tensor(x, crescent_kernels::gelu_erf)
+}
+
+/// An element-wise f32 slice kernel applied to a tensor (f32 result, same shape).
+fn map_tensor(x: &Tensor, f: fn(&mut [f32])) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let mut v = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    f(&mut v);
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
 }
 
 /// Softmax over the last axis in f32.
@@ -564,93 +568,86 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax_last_dim(x)?)
 }
 
-/// Attention matmuls: many query rows against a short inner dimension (head_dim) would pick the
-/// GEMV path by size, but the packed GEMM is ~2× faster there (profiled on the vision encoder).
-fn attn_matmul(x: &[f32], rows: usize, w: &[f32], out: usize, inp: usize, y: &mut [f32]) {
-    let path = if rows >= 64 {
-        crescent_kernels::Path::Gemm
-    } else {
-        crescent_kernels::Path::Auto
-    };
-    crescent_kernels::matmul_forced(
-        crescent_kernels::Isa::detect(),
-        path,
-        x,
-        rows,
-        w,
-        out,
-        inp,
-        None,
-        y,
-    );
+/// A row-major matrix of attention vectors read in place: row `r`, head `h` is
+/// `data[r·ld + h·hd ..][..hd]` (e.g. the q, k or v third of a fused qkv buffer).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadRows<'a> {
+    /// Elements, starting at head 0 of row 0.
+    pub data: &'a [f32],
+    /// Row stride in floats.
+    pub ld: usize,
 }
 
-/// Multi-head attention of `q` `[t, heads·hd]` against `k`, `v` `[s, heads·hd]` (all row-major),
-/// scale `1/√hd`, every query seeing keys `0..kmax(row)`; returns `[t, heads·hd]`. Scores and
-/// outputs go through the f32 kernels; heads run in parallel.
+/// Multi-head attention of `t` queries against `s` keys/values, all read in place
+/// ([`HeadRows`]); query head `h` uses key/value head `h / (heads / kv_heads)` (grouped-query
+/// attention), scale `1/√hd`, and query row `i` sees keys `0..kmax(i)`. Writes
+/// `out[i·heads·hd + h·hd ..][..hd]`. Heads run in parallel; scores and outputs are strided f32
+/// GEMMs (no gathers or transposes), the softmax a SIMD row kernel.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_rows(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn attention(
+    q: HeadRows<'_>,
+    k: HeadRows<'_>,
+    v: HeadRows<'_>,
     t: usize,
     s: usize,
     heads: usize,
+    kv_heads: usize,
     hd: usize,
     kmax: impl Fn(usize) -> usize + Sync,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
+    use crescent_kernels::{matmul_f32_strided, softmax_scaled, Rhs};
     use rayon::prelude::*;
     let w = heads * hd;
+    assert!(out.len() >= t * w && kv_heads > 0 && heads.is_multiple_of(kv_heads));
+    if t == 0 {
+        return;
+    }
+    let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let per_head: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            let gather = |m: &[f32], n: usize| -> Vec<f32> {
-                let mut o = Vec::with_capacity(n * hd);
-                for r in 0..n {
-                    o.extend_from_slice(&m[r * w + h * hd..r * w + (h + 1) * hd]);
-                }
-                o
-            };
-            let qh = gather(q, t);
-            let kh = gather(k, s);
-            // vᵀ: [hd, s]
-            let mut vt = vec![0f32; hd * s];
-            for r in 0..s {
-                for d in 0..hd {
-                    vt[d * s + r] = v[r * w + h * hd + d];
-                }
-            }
+            let kh = h / group;
             let mut scores = vec![0f32; t * s];
-            attn_matmul(&qh, t, &kh, s, hd, &mut scores);
+            matmul_f32_strided(
+                &q.data[h * hd..],
+                q.ld,
+                t,
+                Rhs::Rows {
+                    w: &k.data[kh * hd..],
+                    ld: k.ld,
+                },
+                s,
+                hd,
+                &mut scores,
+                s,
+            );
             for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                 let km = kmax(i).min(s);
-                let mut mx = f32::NEG_INFINITY;
-                for x in row[..km].iter_mut() {
-                    *x *= scale;
-                    mx = mx.max(*x);
-                }
-                let mut sum = 0f32;
-                for x in row[..km].iter_mut() {
-                    *x = (*x - mx).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                for x in row[..km].iter_mut() {
-                    *x *= inv;
-                }
+                softmax_scaled(&mut row[..km], scale);
                 row[km..].fill(0.0);
             }
             let mut oh = vec![0f32; t * hd];
-            attn_matmul(&scores, t, &vt, hd, s, &mut oh);
+            matmul_f32_strided(
+                &scores,
+                s,
+                t,
+                Rhs::Cols {
+                    w: &v.data[kh * hd..],
+                    ld: v.ld,
+                },
+                hd,
+                s,
+                &mut oh,
+                hd,
+            );
             oh
         })
         .collect();
-    let mut out = vec![0f32; t * w];
     for (h, oh) in per_head.iter().enumerate() {
-        for r in 0..t {
-            out[r * w + h * hd..r * w + (h + 1) * hd].copy_from_slice(&oh[r * hd..(r + 1) * hd]);
+        for (r, src) in oh.chunks_exact(hd).enumerate() {
+            out[r * w + h * hd..r * w + (h + 1) * hd].copy_from_slice(src);
         }
     }
-    out
 }

@@ -8,7 +8,7 @@ use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv::{KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
 use crate::layers::{
-    attention_rows, gelu_erf, gelu_tanh, LayerNorm, Linear, Quantize, Weight, WeightStorage,
+    attention, gelu_erf, gelu_tanh, HeadRows, LayerNorm, Linear, Quantize, Weight, WeightStorage,
 };
 use crate::weights::Checkpoint;
 
@@ -623,31 +623,32 @@ fn attend_all(
         };
         if r.t >= GATHER_MIN_ROWS {
             let s = (r.p0..r.p0 + r.t).map(kmax_of).max().unwrap_or(0);
-            let w = nh * hd;
-            let mut k = vec![0f32; s * w];
-            let mut v = vec![0f32; s * w];
+            let wkv = nkv * hd;
+            let mut k = vec![0f32; s * wkv];
+            let mut v = vec![0f32; s * wkv];
             for p in 0..s {
-                for h in 0..nh {
-                    k[p * w + h * hd..p * w + (h + 1) * hd].copy_from_slice(pool.vector(
-                        kvs[si],
-                        layer,
-                        0,
-                        h / group,
-                        p,
-                    ));
-                    v[p * w + h * hd..p * w + (h + 1) * hd].copy_from_slice(pool.vector(
-                        kvs[si],
-                        layer,
-                        1,
-                        h / group,
-                        p,
-                    ));
+                for h in 0..nkv {
+                    let dst = p * wkv + h * hd..p * wkv + (h + 1) * hd;
+                    k[dst.clone()].copy_from_slice(pool.vector(kvs[si], layer, 0, h, p));
+                    v[dst].copy_from_slice(pool.vector(kvs[si], layer, 1, h, p));
                 }
             }
-            let o = attention_rows(&q[i * w..(i + r.t) * w], &k, &v, r.t, s, nh, hd, |j| {
-                kmax_of(r.p0 + j)
-            });
-            out[i * w..(i + r.t) * w].copy_from_slice(&o);
+            let w = nh * hd;
+            attention(
+                HeadRows {
+                    data: &q[i * w..(i + r.t) * w],
+                    ld: w,
+                },
+                HeadRows { data: &k, ld: wkv },
+                HeadRows { data: &v, ld: wkv },
+                r.t,
+                s,
+                nh,
+                nkv,
+                hd,
+                |j| kmax_of(r.p0 + j),
+                &mut out[i * w..(i + r.t) * w],
+            );
         } else {
             for j in 0..r.t {
                 tasks.push((si, i + j, kmax_of(r.p0 + j)));
@@ -674,36 +675,18 @@ fn attend_all(
         for hh in 0..nh {
             let kh = hh / group;
             let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
-            let mut mx = f32::NEG_INFINITY;
             for b in 0..kmax.div_ceil(bs) {
                 let len = bs.min(kmax - b * bs);
                 let keys = pool.block_run(kvs[si], layer, 0, kh, b, len);
-                for (s, kvec) in keys.chunks_exact(hd).enumerate() {
-                    let d: f32 = qv.iter().zip(kvec).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    scores[b * bs + s] = d;
-                    mx = mx.max(d);
-                }
+                crescent_kernels::dot_rows(qv, keys, scale, &mut scores[b * bs..b * bs + len]);
             }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - mx).exp();
-                sum += *s;
-            }
+            crescent_kernels::softmax_scaled(&mut scores, 1.0);
             let o = &mut orow[hh * hd..(hh + 1) * hd];
             o.fill(0.0);
             for b in 0..kmax.div_ceil(bs) {
                 let len = bs.min(kmax - b * bs);
                 let vals = pool.block_run(kvs[si], layer, 1, kh, b, len);
-                for (s, vvec) in vals.chunks_exact(hd).enumerate() {
-                    let w = scores[b * bs + s];
-                    for (ov, vv) in o.iter_mut().zip(vvec) {
-                        *ov += w * vv;
-                    }
-                }
-            }
-            let inv = 1.0 / sum;
-            for ov in o.iter_mut() {
-                *ov *= inv;
+                crescent_kernels::axpy_rows(&scores[b * bs..b * bs + len], vals, o);
             }
         }
     });
@@ -802,12 +785,8 @@ fn moe(
         }
         let mut u = vec![0f32; c * 2 * inner];
         fc1.matmul_rows(e * 2 * inner, 2 * inner, &xe, c, None, &mut u);
-        let u = Tensor::from_vec(u, (c, 2 * inner), &Device::Cpu)?;
-        let a = u.narrow(1, 0, inner)?;
-        let g = u.narrow(1, inner, inner)?;
-        let z = (gelu_erf(&a)? * (g + 1.0)?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut z = vec![0f32; c * inner];
+        crescent_kernels::geglu(&u, inner, &mut z);
         let mut y = vec![0f32; c * d];
         fc2.matmul_rows(e * d, d, &z, c, None, &mut y);
         for (k, &(r, w)) in rows.iter().enumerate() {

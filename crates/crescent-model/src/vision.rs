@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{attention_rows, gelu_tanh, LayerNorm, Linear, WeightStorage};
+use crate::layers::{attention, gelu_tanh, HeadRows, LayerNorm, Linear, WeightStorage};
 use crate::weights::Checkpoint;
 
 /// One pre-norm transformer block of the encoder.
@@ -24,7 +24,8 @@ struct VisionBlock {
 pub struct VisionEncoder {
     cfg: VisionConfig,
     patch_emb: Linear,
-    pos_emb: Tensor,
+    /// `[g², C]` flattened.
+    pos_emb: Vec<f32>,
     blocks: Vec<VisionBlock>,
     post_ln: LayerNorm,
     proj_fc1: Linear,
@@ -59,7 +60,10 @@ impl VisionEncoder {
         let c = cfg.enc_dim;
         let g = cfg.grid();
         let patch_emb = Linear::load(ck, "model.vision.patch_emb", cfg.patch_dim(), c, true, ws)?;
-        let pos_emb = ck.get_f32("model.vision.pos_emb", &[1, g * g, c])?;
+        let pos_emb = ck
+            .get_f32("model.vision.pos_emb", &[1, g * g, c])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut blocks = Vec::with_capacity(cfg.enc_n_layers);
         for i in 0..cfg.enc_n_layers {
             let p = format!("model.vision.blocks.{i}");
@@ -123,41 +127,66 @@ impl VisionEncoder {
         let nh = cfg.enc_n_heads;
         let hd = c / nh;
         // Patch (r, c) → vector ordered (channel, dy, dx) (spec §5.1).
-        let x = pixels
+        let patches = pixels
             .reshape(vec![n, ch, g, p, g, p])?
             .permute(vec![0, 2, 4, 1, 3, 5])?
             .contiguous()?
-            .reshape((n, g * g, ch * p * p))?;
-        let mut x = self.patch_emb.forward(&x)?.broadcast_add(&self.pos_emb)?;
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let nt = g * g;
+        let rows = n * nt;
+        // The residual stream and every activation live in flat f32 buffers reused across
+        // blocks; the matmuls, LayerNorm, GELU and attention are slice kernels.
+        let mut x = self.patch_emb.forward_slice(&patches, rows);
+        for xc in x.chunks_exact_mut(nt * c) {
+            crescent_kernels::add_assign(xc, &self.pos_emb);
+        }
+        let snapshot = |x: &[f32]| Tensor::from_vec(x.to_vec(), (n, nt, c), &Device::Cpu);
         if let Some(t) = trace.as_deref_mut() {
-            t.embed = Some(x.clone());
+            t.embed = Some(snapshot(&x)?);
         }
+        let mut h = vec![0f32; rows * c];
+        let mut qkv = vec![0f32; rows * 3 * c];
+        let mut att = vec![0f32; rows * c];
+        let mut y = vec![0f32; rows * c];
+        let mut u = vec![0f32; rows * cfg.enc_ff_dim];
         for blk in &self.blocks {
-            let h = blk.ln1.forward(&x)?;
-            let qkv = blk.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?; // [n·N, 3C]
-            let nt = g * g;
-            let mut att = Vec::with_capacity(n * nt * c);
-            for crop in 0..n {
-                let rows = &qkv[crop * nt * 3 * c..(crop + 1) * nt * 3 * c];
-                let mut q = Vec::with_capacity(nt * c);
-                let mut k = Vec::with_capacity(nt * c);
-                let mut vv = Vec::with_capacity(nt * c);
-                for r in rows.chunks_exact(3 * c) {
-                    q.extend_from_slice(&r[..c]);
-                    k.extend_from_slice(&r[c..2 * c]);
-                    vv.extend_from_slice(&r[2 * c..]);
-                }
-                att.extend(attention_rows(&q, &k, &vv, nt, nt, nh, hd, |_| nt));
+            blk.ln1.forward_into(&x, &mut h);
+            blk.qkv.forward_into(&h, rows, &mut qkv);
+            for (qc, ac) in qkv
+                .chunks_exact(nt * 3 * c)
+                .zip(att.chunks_exact_mut(nt * c))
+            {
+                let view = |off: usize| HeadRows {
+                    data: &qc[off..],
+                    ld: 3 * c,
+                };
+                attention(
+                    view(0),
+                    view(c),
+                    view(2 * c),
+                    nt,
+                    nt,
+                    nh,
+                    nh,
+                    hd,
+                    |_| nt,
+                    ac,
+                );
             }
-            let a = Tensor::from_vec(att, (n, nt, c), &Device::Cpu)?;
-            x = (x + blk.proj.forward(&a)?)?;
-            let h = blk.ln2.forward(&x)?;
-            x = (&x + blk.fc2.forward(&gelu_tanh(&blk.fc1.forward(&h)?)?)?)?;
+            blk.proj.forward_into(&att, rows, &mut y);
+            crescent_kernels::add_assign(&mut x, &y);
+            blk.ln2.forward_into(&x, &mut h);
+            blk.fc1.forward_into(&h, rows, &mut u);
+            crescent_kernels::gelu_tanh(&mut u);
+            blk.fc2.forward_into(&u, rows, &mut y);
+            crescent_kernels::add_assign(&mut x, &y);
             if let Some(t) = trace.as_deref_mut() {
-                t.blocks.push(x.clone());
+                t.blocks.push(snapshot(&x)?);
             }
         }
-        let f = self.post_ln.forward(&x)?;
+        self.post_ln.forward_into(&x, &mut h);
+        let f = Tensor::from_vec(h, (n, nt, c), &Device::Cpu)?;
         if let Some(t) = trace {
             t.features = Some(f.clone());
         }
