@@ -109,14 +109,14 @@ fn pack_a_all(x: &[f32], lda: usize, m: usize, k: usize, kc: usize, ap: &mut [f3
     let ptr = SyncPtr(ap.as_mut_ptr());
     assert!(ap.len() >= m_pad * k);
     let one = |s: usize| {
-        let ptr = ptr;
+        let base = ptr.get();
         let mut pc = 0;
         while pc < k {
             let kcc = kc.min(k - pc);
             // SAFETY: sliver `s` of K block `pc` is `ap[pc*m_pad + s*6*kcc ..][..6*kcc]`,
             // inside `ap` (asserted length) and written by this closure call only.
             let dst = unsafe {
-                std::slice::from_raw_parts_mut(ptr.0.add(pc * m_pad + s * MR * kcc), MR * kcc)
+                std::slice::from_raw_parts_mut(base.add(pc * m_pad + s * MR * kcc), MR * kcc)
             };
             for i in 0..MR {
                 let r = s * MR + i;

@@ -50,13 +50,7 @@ fn exp_lane(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 · 2²³: adding and subtracting rounds to the nearest integer (no SSE4.1 needed).
     const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.3 {
-        -87.3
-    } else if x > 88.3 {
-        88.3
-    } else {
-        x
-    };
+    let x = x.clamp(-87.3, 88.3);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
@@ -64,7 +58,7 @@ fn exp_lane(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
     let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
     e * scale
@@ -73,20 +67,14 @@ fn exp_lane(x: f32) -> f32 {
 /// `erf(x)` (rational minimax approximation on [-4, 4], ±1 outside; as in Eigen / XLA).
 #[inline(always)]
 fn erf_lane(x: f32) -> f32 {
-    let x = if x < -4.0 {
-        -4.0
-    } else if x > 4.0 {
-        4.0
-    } else {
-        x
-    };
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10;
     p = p * x2 + 2.770_681_4e-8;
     p = p * x2 + -2.101_024e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_0e-3;
+    p = p * x2 + -2.954_6e-3;
     p = p * x2 + -1.609_603_3e-2;
     p *= x;
     let mut q = -1.456_607_2e-5;

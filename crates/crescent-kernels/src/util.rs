@@ -12,6 +12,13 @@ use std::cell::RefCell;
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr(pub(crate) *mut f32);
 
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw pointer).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 // SAFETY: see the type's doc — tasks write disjoint elements of a buffer that
 // outlives the parallel section (the caller holds its `&mut` borrow).
 unsafe impl Send for SyncPtr {}
