@@ -669,10 +669,21 @@ fn attend_all(
         rest = tail;
         consumed = ri + 1;
     }
-    slots.into_par_iter().for_each(|(orow, (si, ri, kmax))| {
-        let mut scores = vec![0f32; kmax];
-        let bs = pool.block_size();
-        for hh in 0..nh {
+    // One task per (row, head), so even a single decode row uses every core.
+    let heads: Vec<(&mut [f32], (usize, usize, usize, usize))> = slots
+        .into_iter()
+        .flat_map(|(orow, (si, ri, kmax))| {
+            orow.chunks_exact_mut(hd)
+                .enumerate()
+                .map(move |(hh, o)| (o, (si, ri, hh, kmax)))
+        })
+        .collect();
+    heads
+        .into_par_iter()
+        .with_min_len(4)
+        .for_each(|(o, (si, ri, hh, kmax))| {
+            let mut scores = vec![0f32; kmax];
+            let bs = pool.block_size();
             let kh = hh / group;
             let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
             for b in 0..kmax.div_ceil(bs) {
@@ -681,15 +692,13 @@ fn attend_all(
                 crescent_kernels::dot_rows(qv, keys, scale, &mut scores[b * bs..b * bs + len]);
             }
             crescent_kernels::softmax_scaled(&mut scores, 1.0);
-            let o = &mut orow[hh * hd..(hh + 1) * hd];
             o.fill(0.0);
             for b in 0..kmax.div_ceil(bs) {
                 let len = bs.min(kmax - b * bs);
                 let vals = pool.block_run(kvs[si], layer, 1, kh, b, len);
                 crescent_kernels::axpy_rows(&scores[b * bs..b * bs + len], vals, o);
             }
-        }
-    });
+        });
     out
 }
 
@@ -739,6 +748,9 @@ impl RopeTable {
     }
 }
 
+/// Up to this many rows, a MoE layer runs its selected experts in parallel.
+const MOE_PAR_EXPERTS_MAX_ROWS: usize = 64;
+
 /// Mixture of experts (spec §6.8): router with bias, stable top-k, softmax over the selected
 /// logits, GeGLU experts `gelu_erf(a) · (g + 1)`, weighted sum.
 fn moe(
@@ -773,11 +785,8 @@ fn moe(
         }
     }
     let hs = h.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; t * d];
-    for (e, rows) in groups.iter().enumerate() {
-        if rows.is_empty() {
-            continue;
-        }
+    // One expert: gather its rows, fc1, GeGLU, fc2 → `[rows, d]`.
+    let run_expert = |e: usize, rows: &[(u32, f32)]| -> Vec<f32> {
         let c = rows.len();
         let mut xe = Vec::with_capacity(c * d);
         for &(r, _) in rows {
@@ -789,7 +798,24 @@ fn moe(
         crescent_kernels::geglu(&u, inner, &mut z);
         let mut y = vec![0f32; c * d];
         fc2.matmul_rows(e * d, d, &z, c, None, &mut y);
-        for (k, &(r, w)) in rows.iter().enumerate() {
+        y
+    };
+    let active: Vec<usize> = (0..e_count).filter(|&e| !groups[e].is_empty()).collect();
+    // Few rows (decode): each expert is a small weight-streaming GEMV, so run the experts
+    // side by side (one pass over the selected weights by all cores, no per-call sync);
+    // many rows (prefill): one expert at a time, each matmul parallel inside.
+    let ys: Vec<Vec<f32>> = if t <= MOE_PAR_EXPERTS_MAX_ROWS {
+        use rayon::prelude::*;
+        active
+            .par_iter()
+            .map(|&e| run_expert(e, &groups[e]))
+            .collect()
+    } else {
+        active.iter().map(|&e| run_expert(e, &groups[e])).collect()
+    };
+    let mut out = vec![0f32; t * d];
+    for (&e, y) in active.iter().zip(&ys) {
+        for (k, &(r, w)) in groups[e].iter().enumerate() {
             let o = &mut out[r as usize * d..(r as usize + 1) * d];
             for (ov, yv) in o.iter_mut().zip(&y[k * d..(k + 1) * d]) {
                 *ov += w * yv;
