@@ -674,7 +674,9 @@ fn attend_all(
     // group's keys (then values) are read as one contiguous run per block, which the hardware
     // prefetcher follows (per-head runs are 4 KiB islands 1.5 MiB apart on md3).
     let gs = DECODE_HEADS_PER_TASK.min(nh).max(1);
-    let tasks: Vec<(&mut [f32], (usize, usize, usize, usize))> = slots
+    // (output columns of the group, (sequence, row, first head, keys seen))
+    type Task<'a> = (&'a mut [f32], (usize, usize, usize, usize));
+    let tasks: Vec<Task<'_>> = slots
         .into_iter()
         .flat_map(|(orow, (si, ri, kmax))| {
             orow.chunks_mut(gs * hd)
