@@ -272,7 +272,10 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     let active = active_text_params(&cfg);
     let decode_bytes = model.text_decode_bytes_per_token() as f64;
     let decode_roofline = bw * 1e9 / decode_bytes;
-    let prefill_flops = 2.0 * active * prompt_len as f64
+    // The LM head runs for the last prompt position only (as in the reference).
+    let lm_head = (cfg.text.dim * cfg.text.vocab_size) as f64;
+    let prefill_flops = 2.0 * (active - lm_head) * prompt_len as f64
+        + 2.0 * lm_head
         + 4.0 * (prompt_len * prompt_len) as f64 * cfg.text.dim as f64 * cfg.text.n_layers as f64;
     let prefill_gflops = prefill_flops / prefill_s / 1e9;
     let vision_gflops = vision_flops_per_crop(&cfg) / (vision_ms / 1e3) / 1e9;

@@ -16,6 +16,13 @@
 //!   (symmetric int4 in groups of [`Q4_GROUP`] = 32 input columns, two
 //!   nibbles per byte); `*_forced` variants, row dequantizers. Layouts,
 //!   rounding and error bounds: [`quantize_q8`], [`quantize_q4`].
+//! * [`matmul_f32_strided`] with [`Rhs`] — f32 GEMM on strided views
+//!   (attention: `q·kᵀ` and `p·v` read heads in place from the qkv buffer).
+//! * Row / element-wise kernels (module `ops`): [`gelu_tanh`], [`gelu_erf`],
+//!   [`geglu`], [`softmax_scaled`], [`layer_norm`], [`add_assign`],
+//!   [`exp_inplace`], [`dot`], [`dot_rows`] / [`axpy_rows`] (decode attention).
+//!   Polynomial exp / erf, no libm; one source compiled per ISA, same
+//!   results on every ISA.
 //! * [`bandwidth_gb_s`], [`gemm_peak_gflops`] — roofline probes for
 //!   `crescent bench` (≈ 0.3 s and ≈ 1 s).
 //!
@@ -32,7 +39,8 @@
 //!   panels of ~256 (count rounded to a multiple of the thread count), rows
 //!   in tasks of ≤ 768; per K block (≤ 384) the task converts its weight
 //!   panel to f32 into a per-thread buffer (8×8 in-register transposes),
-//!   packs 96 rows of x, and runs a 6×16 AVX2 FMA micro-kernel (12 ymm
+//!   reads x packed once per call (shared by all panels; it used to be
+//!   re-packed per panel), and runs a 6×16 AVX2 FMA micro-kernel (12 ymm
 //!   accumulators) — or, with AVX-512F, a 12×32 zmm kernel (24 accumulators,
 //!   two 16-wide W slivers × two 6-row x slivers; K blocks ≤ 256 so both W
 //!   slivers stay in L1), with 6×32 / 6×16 tiles for the edges. Per-thread
@@ -132,10 +140,10 @@ pub use weights::WeightElem;
 pub const GEMV_MAX_ROWS: usize = 16;
 
 /// Calls with more rows still use the GEMV path while `x` is at most this
-/// many f32 (1 MiB, about one core's L2): the GEMV kernel re-reads `x` from
-/// L2 for every block of 4 weight rows and measured faster than the packed
-/// GEMM there (e.g. 64 × 2048 and 32 × 8192); beyond it the GEMM wins.
-pub const GEMV_MAX_X_ELEMS: usize = 256 * 1024;
+/// many f32 (32 Ki: e.g. ≤ 16 rows at in = 2048). Since the GEMM packs x once
+/// per call, it beats the GEMV from ~32 rows on (`kbench --paths`, 64 × 2048
+/// → 8192: GEMM 303 vs GEMV 204 GFLOP/s; 16 rows: GEMV 190 vs GEMM 137).
+pub const GEMV_MAX_X_ELEMS: usize = 32 * 1024;
 
 /// Whether [`matmul`] uses the GEMV path (else the blocked GEMM) for this
 /// many rows of `x` with this `in_features`.
