@@ -589,6 +589,38 @@ pub fn matmul_q4_forced(
     }
     let yp = SyncPtr(y.as_mut_ptr());
     let simd = isa.has_avx2() && group.is_multiple_of(32);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && rows == 1 && simd {
+        // Decode: the AVX-512 single-row kernel (the AVX2 one is compute-bound at ≈ half the
+        // memory bandwidth).
+        let gpr = k / group;
+        let mut xs = vec![0f32; gpr];
+        with_call_scratch(|buf| {
+            let d = ensure_len(buf, k);
+            crate::x86q::prepare_q4_x512(x, group, d, &mut xs);
+            let d = &*d;
+            let run = |o0: usize, o1: usize| {
+                // SAFETY: `Isa::Avx512` implies AVX-512F and the AVX2 set were detected; lengths
+                // and group validated above (q: n·k/2, scales: n·k/group, group % 32 == 0); `d`
+                // and `xs` were prepared for this kernel; tasks get disjoint `o0..o1`.
+                unsafe {
+                    crate::x86q::gemv_q4_seq1_avx512(
+                        d.as_ptr(),
+                        xs.as_ptr(),
+                        k,
+                        q.as_ptr().add(o0 * k / 2),
+                        scales.as_ptr().add(o0 * gpr),
+                        group,
+                        o1 - o0,
+                        bias.map_or(core::ptr::null(), |b| b.as_ptr().add(o0)),
+                        yp.get().add(o0),
+                    )
+                };
+            };
+            par_outputs(rows, n, k, run);
+        });
+        return;
+    }
     with_call_scratch(|buf| {
         let xp: &[f32] = if simd {
             let d = ensure_len(buf, x.len());
