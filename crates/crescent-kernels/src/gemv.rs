@@ -47,6 +47,24 @@ pub(crate) fn gemv<W: WeightElem>(
     y: &mut [f32],
 ) {
     let yp = SyncPtr(y.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && rows > 1 && W::KIND == WeightKind::Bf16 {
+        // Several rows (batched decode): the zmm kernel (the AVX2 one is compute-bound there).
+        // SAFETY: `WeightElem` is sealed and only `half::bf16` has `KIND == Bf16`: same type.
+        let wb = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<half::bf16>(), w.len()) };
+        with_call_scratch(|buf| {
+            let d = ensure_len(buf, x.len());
+            crate::x86::deinterleave_x32(x, k, d);
+            let d = &*d;
+            par_outputs(rows, n, k, |o0, o1| {
+                // SAFETY: `Isa::Avx512` implies AVX-512F and the AVX2 set were detected; lengths
+                // validated by `matmul_forced`; `d` is `x` laid out for this kernel; tasks get
+                // disjoint `o0..o1`, and `y` outlives the parallel section.
+                unsafe { crate::x86::gemv_range_bf16_avx512(d, rows, wb, k, n, o0, o1, bias, yp) }
+            });
+        });
+        return;
+    }
     let deint = isa.has_avx2() && W::KIND == WeightKind::Bf16;
     with_call_scratch(|buf| {
         let xp: &[f32] = if deint {
