@@ -129,7 +129,7 @@ pub use bench::{bandwidth_gb_s, gemm_peak_gflops};
 pub use half::{bf16, f16};
 pub use ops::{
     add_assign, axpy_rows, dot, dot_rows, exp_inplace, geglu, gelu_erf, gelu_tanh, layer_norm,
-    softmax_scaled,
+    softmax_partial, softmax_scaled,
 };
 pub use quant::{
     dequantize_q4_row, dequantize_q8_row, matmul_q4, matmul_q4_forced, matmul_q8, matmul_q8_forced,

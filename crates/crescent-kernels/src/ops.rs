@@ -382,6 +382,33 @@ dispatch!(
 );
 
 #[inline(always)]
+fn softmax_partial_impl(x: &mut [f32]) -> (f32, f32) {
+    let mut mx = [f32::NEG_INFINITY; L];
+    let mut ch = x.chunks_exact(L);
+    for c in &mut ch {
+        for i in 0..L {
+            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+        }
+    }
+    for (i, v) in ch.remainder().iter().enumerate() {
+        mx[i] = if *v > mx[i] { *v } else { mx[i] };
+    }
+    let m = mx
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for v in x.iter_mut() {
+        *v = exp_lane(*v - m);
+    }
+    (m, sum_lanes(x))
+}
+
+dispatch!(
+    /// Unnormalised softmax of a partial row: `x ← e^(x − max)`, returning `(max, Σ)` (for
+    /// merging softmax states of key ranges, as in flash attention).
+    fn softmax_partial(x: &mut [f32]) -> (f32, f32) => softmax_partial_impl
+);
+
+#[inline(always)]
 fn layer_norm_impl(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -557,6 +584,15 @@ mod tests {
                 .sum::<f64>()
                 * 0.5;
             assert!((*v as f64 - want).abs() < 1e-5, "{v} vs {want}");
+        }
+        // Partial softmax state, normalised, equals the softmax.
+        let mut p = s.clone();
+        let (m, l) = softmax_partial(&mut p);
+        assert_eq!(m, s.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+        let mut full = s.clone();
+        softmax_scaled(&mut full, 1.0);
+        for (a, b) in p.iter().zip(&full) {
+            assert!((a / l - b).abs() < 1e-6);
         }
         softmax_scaled(&mut s, 2.0);
         assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);

@@ -669,56 +669,92 @@ fn attend_all(
         rest = tail;
         consumed = ri + 1;
     }
-    // One task per (row, group of heads), so even a single decode row uses every core. Within
-    // a task the loops run block-major: a block holds a layer's heads side by side, so the
-    // group's keys (then values) are read as one contiguous run per block, which the hardware
-    // prefetcher follows (per-head runs are 4 KiB islands 1.5 MiB apart on md3).
-    let gs = DECODE_HEADS_PER_TASK.min(nh).max(1);
-    // (output columns of the group, (sequence, row, first head, keys seen))
-    type Task<'a> = (&'a mut [f32], (usize, usize, usize, usize));
-    let tasks: Vec<Task<'_>> = slots
-        .into_iter()
-        .flat_map(|(orow, (si, ri, kmax))| {
-            orow.chunks_mut(gs * hd)
-                .enumerate()
-                .map(move |(g, o)| (o, (si, ri, g * gs, kmax)))
+    // Split-K decode attention (as in flash-decoding): each row's keys are cut into ranges of
+    // whole blocks and one task covers every head of one range. A block stores a layer's heads
+    // side by side, so a task reads each block's keys (then values) as one contiguous run
+    // (128 KiB on md3) that the hardware prefetcher follows, and a single decode row still
+    // keeps every core busy. Each task returns per-head partial softmax states (max, sum,
+    // unnormalised output), merged afterwards.
+    let bs = pool.block_size();
+    let threads = rayon::current_num_threads().max(1);
+    let mut jobs = Vec::new();
+    for (slot, &(_, (_, _, kmax))) in slots.iter().enumerate() {
+        let nb = kmax.div_ceil(bs);
+        let want = (2 * threads).div_ceil(slots.len()).max(1);
+        let splits = want.min(nb.div_ceil(DECODE_MIN_BLOCKS_PER_TASK)).max(1);
+        let per = nb.div_ceil(splits);
+        let mut b0 = 0;
+        while b0 < nb {
+            jobs.push((slot, b0, (b0 + per).min(nb)));
+            b0 += per;
+        }
+    }
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = jobs
+        .par_iter()
+        .map(|&(slot, b0, b1)| {
+            let (_, (si, ri, kmax)) = slots[slot];
+            let p0 = b0 * bs;
+            let n = kmax.min(b1 * bs) - p0;
+            let mut scores = vec![0f32; nh * n];
+            for b in b0..b1 {
+                let len = bs.min(kmax - b * bs);
+                let off = (b - b0) * bs;
+                for (hh, sc) in scores.chunks_exact_mut(n).enumerate() {
+                    let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
+                    let keys = pool.block_run(kvs[si], layer, 0, hh / group, b, len);
+                    crescent_kernels::dot_rows(qv, keys, scale, &mut sc[off..off + len]);
+                }
+            }
+            let mut mx = vec![0f32; nh];
+            let mut sum = vec![0f32; nh];
+            for (hh, sc) in scores.chunks_exact_mut(n).enumerate() {
+                (mx[hh], sum[hh]) = crescent_kernels::softmax_partial(sc);
+            }
+            let mut o = vec![0f32; nh * hd];
+            for b in b0..b1 {
+                let len = bs.min(kmax - b * bs);
+                let off = (b - b0) * bs;
+                for (hh, (sc, oh)) in scores
+                    .chunks_exact(n)
+                    .zip(o.chunks_exact_mut(hd))
+                    .enumerate()
+                {
+                    let vals = pool.block_run(kvs[si], layer, 1, hh / group, b, len);
+                    crescent_kernels::axpy_rows(&sc[off..off + len], vals, oh);
+                }
+            }
+            (mx, sum, o)
         })
         .collect();
-    tasks.into_par_iter().for_each(|(o, (si, ri, h0, kmax))| {
-        let nhg = o.len() / hd;
-        let bs = pool.block_size();
-        let nb = kmax.div_ceil(bs);
-        let mut scores = vec![0f32; nhg * kmax];
-        for b in 0..nb {
-            let len = bs.min(kmax - b * bs);
-            for (j, sc) in scores.chunks_exact_mut(kmax).enumerate() {
-                let hh = h0 + j;
-                let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
-                let keys = pool.block_run(kvs[si], layer, 0, hh / group, b, len);
-                crescent_kernels::dot_rows(qv, keys, scale, &mut sc[b * bs..b * bs + len]);
+    // Merge the ranges of each row: o = Σ o_i·e^(m_i − M) / Σ l_i·e^(m_i − M).
+    let mut j = 0;
+    for (slot, (orow, _)) in slots.iter_mut().enumerate() {
+        let first = j;
+        while j < jobs.len() && jobs[j].0 == slot {
+            j += 1;
+        }
+        let ps = &parts[first..j];
+        for hh in 0..nh {
+            let m = ps.iter().map(|p| p.0[hh]).fold(f32::NEG_INFINITY, f32::max);
+            let oh = &mut orow[hh * hd..(hh + 1) * hd];
+            oh.fill(0.0);
+            let mut l = 0f32;
+            for p in ps {
+                let f = (p.0[hh] - m).exp();
+                l += p.1[hh] * f;
+                for (a, b) in oh.iter_mut().zip(&p.2[hh * hd..(hh + 1) * hd]) {
+                    *a += f * b;
+                }
             }
+            let inv = 1.0 / l;
+            oh.iter_mut().for_each(|v| *v *= inv);
         }
-        for sc in scores.chunks_exact_mut(kmax) {
-            crescent_kernels::softmax_scaled(sc, 1.0);
-        }
-        o.fill(0.0);
-        for b in 0..nb {
-            let len = bs.min(kmax - b * bs);
-            for (j, (sc, oh)) in scores
-                .chunks_exact(kmax)
-                .zip(o.chunks_exact_mut(hd))
-                .enumerate()
-            {
-                let vals = pool.block_run(kvs[si], layer, 1, (h0 + j) / group, b, len);
-                crescent_kernels::axpy_rows(&sc[b * bs..b * bs + len], vals, oh);
-            }
-        }
-    });
+    }
     out
 }
 
-/// Heads per decode-attention task (see `attend_all`).
-const DECODE_HEADS_PER_TASK: usize = 8;
+/// Minimum KV blocks per split-K decode-attention task (see `attend_all`).
+const DECODE_MIN_BLOCKS_PER_TASK: usize = 4;
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
