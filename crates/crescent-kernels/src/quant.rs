@@ -504,14 +504,14 @@ pub fn matmul_q8_forced(
         // SAFETY: `Isa::Avx512` implies AVX-512F and the AVX2 set were detected; lengths
         // validated above (x: rows*k, q: n*k, scales: n, y: rows*n, bias: n); tasks get disjoint
         // `o0..o1` ranges and `y` outlives the parallel section.
-        Isa::Avx512 if rows > 1 => unsafe {
+        Isa::Avx512 => unsafe {
             crate::x86q::gemv_q8_range_avx512(x, rows, q, scales, k, n, o0, o1, bias, yp)
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` / `Avx512` imply the CPU features were detected; lengths validated
+        // SAFETY: `Isa::Avx2Fma` implies the CPU features were detected; lengths validated
         // above (x: rows*k, q: n*k, scales: n, y: rows*n, bias: n); tasks get disjoint
         // `o0..o1` ranges and `y` outlives the parallel section.
-        Isa::Avx2Fma | Isa::Avx512 => unsafe {
+        Isa::Avx2Fma => unsafe {
             crate::x86q::gemv_q8_range(x, rows, q, scales, k, n, o0, o1, bias, yp)
         },
         _ => portable_gemv_q8(x, rows, w, k, n, o0, o1, bias, yp),
