@@ -643,7 +643,20 @@ pub fn matmul_q4_forced(
                 // validated above (q: n*k/2, scales: n*k/group, group % 32 == 0), `xp` is `x`
                 // de-interleaved per 16 as the kernel expects; disjoint `o0..o1` per task.
                 unsafe {
-                    crate::x86q::gemv_q4_range(xp, rows, q, scales, group, k, n, o0, o1, bias, yp)
+                    crate::x86q::gemv_q4_range(
+                        isa == Isa::Avx512,
+                        xp,
+                        rows,
+                        q,
+                        scales,
+                        group,
+                        k,
+                        n,
+                        o0,
+                        o1,
+                        bias,
+                        yp,
+                    )
                 };
             } else {
                 portable_gemv_q4(xp, rows, w, k, n, o0, o1, bias, yp);

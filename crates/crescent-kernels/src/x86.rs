@@ -611,3 +611,80 @@ pub(crate) unsafe fn gemv_range_bf16_avx512(
         o += if quad { 4 } else { 1 };
     }
 }
+
+/// `R` rows of x × `NW` f32 weight rows (already in cache: dequantized blocks) with zmm
+/// registers: `out[r][j] = x[r] · w[j]` over `k` elements (any consistent element order).
+///
+/// # Safety
+/// AVX-512F and the module's features; `x` has `R * k` floats, `w` `NW * k`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+unsafe fn f32_block_avx512<const R: usize, const NW: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const f32,
+    out: &mut [[f32; 4]; 4],
+) {
+    let k16 = k & !15;
+    let mut acc = [[_mm512_setzero_ps(); NW]; R];
+    let mut kk = 0;
+    while kk < k16 {
+        for j in 0..NW {
+            let wv = _mm512_loadu_ps(w.add(j * k + kk));
+            for r in 0..R {
+                acc[r][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(r * k + kk)), acc[r][j]);
+            }
+        }
+        kk += 16;
+    }
+    for r in 0..R {
+        for j in 0..NW {
+            let mut s = _mm512_reduce_add_ps(acc[r][j]);
+            for t in k16..k {
+                s += *x.add(r * k + t) * *w.add(j * k + t);
+            }
+            out[r][j] = s;
+        }
+    }
+}
+
+/// `out[r][j] = x[r] · w[j]` for `r < rows ≤ 4`, `j < nw ≤ 4` (f32 weights in cache), with
+/// the zmm block kernel.
+///
+/// # Safety
+/// AVX-512F and the module's features; `x` has `rows * k` floats, `w` `nw * k`.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // indices address both x/w rows and `out`
+pub(crate) unsafe fn f32_rows_avx512(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const f32,
+    nw: usize,
+    out: &mut [[f32; 4]; 4],
+) {
+    debug_assert!((1..=4).contains(&rows) && (1..=4).contains(&nw));
+    if nw == 4 {
+        match rows {
+            4 => f32_block_avx512::<4, 4>(x, k, w, out),
+            3 | 2 => {
+                f32_block_avx512::<2, 4>(x, k, w, out);
+                if rows == 3 {
+                    let mut o = [[0f32; 4]; 4];
+                    f32_block_avx512::<1, 4>(x.add(2 * k), k, w, &mut o);
+                    out[2] = o[0];
+                }
+            }
+            _ => f32_block_avx512::<1, 4>(x, k, w, out),
+        }
+        return;
+    }
+    for j in 0..nw {
+        for r in 0..rows {
+            let mut o = [[0f32; 4]; 4];
+            f32_block_avx512::<1, 1>(x.add(r * k), k, w.add(j * k), &mut o);
+            out[r][j] = o[0][0];
+        }
+    }
+}

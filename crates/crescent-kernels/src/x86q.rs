@@ -373,16 +373,19 @@ unsafe fn gemv_q4_block<const R: usize, const NW: usize>(
     }
 }
 
-/// int4 GEMV over output features `o0..o1`: `y[r*n + o] = x[r]·ŵ[o] (+ bias[o])`.
+/// int4 GEMV over output features `o0..o1`: `y[r*n + o] = x[r]·ŵ[o] (+ bias[o])`. With
+/// `avx512`, the dequantized blocks (≥ `Q4_DEQUANT_MIN_ROWS` rows of x) go through the zmm f32
+/// kernel.
 ///
 /// # Safety
-/// CPU features; `group % 32 == 0`, `k % group == 0`; `x.len() == rows * k`, de-interleaved
+/// CPU features (AVX-512F too when `avx512`); `group % 32 == 0`, `k % group == 0`; `x.len() == rows * k`, de-interleaved
 /// per 16 (`gemv::deinterleave_x`); `q.len() >= o1 * k / 2`, `scales.len() >= o1 * k / group`,
 /// `o0 <= o1 <= n`, `bias` (if any) has `n` elements; `y.0` points to a live `rows * n`
 /// buffer whose columns `o0..o1` no other thread accesses during the call.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemv_q4_range(
+    avx512: bool,
     x: &[f32],
     rows: usize,
     q: &[u8],
@@ -477,6 +480,31 @@ pub(crate) unsafe fn gemv_q4_range(
                 pf,
                 buf.as_mut_ptr(),
             );
+            if avx512 {
+                // Groups of up to 4 rows of x against the 4 dequantized rows, zmm registers.
+                let mut r = 0;
+                while r < rows {
+                    let rc = (rows - r).min(4);
+                    let mut res = [[0f32; 4]; 4];
+                    crate::x86::f32_rows_avx512(
+                        x.as_ptr().add(r * k),
+                        rc,
+                        k,
+                        buf.as_ptr(),
+                        nw,
+                        &mut res,
+                    );
+                    for (i, row) in res[..rc].iter().enumerate() {
+                        for (j, v) in row[..nw].iter().enumerate() {
+                            let b = bias.map_or(0.0, |b| b[o + j]);
+                            *y.0.add((r + i) * n + o + j) = v + b;
+                        }
+                    }
+                    r += rc;
+                }
+                o += nw;
+                continue;
+            }
             let mut r = 0;
             while r < rows {
                 let rc = if rows - r == 1 { 1 } else { 2 };
