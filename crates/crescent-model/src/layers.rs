@@ -651,3 +651,88 @@ pub fn attention(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Naive f64 multi-head attention with grouped-query heads and per-row key limits.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        s: usize,
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+        kmax: &dyn Fn(usize) -> usize,
+    ) -> Vec<f64> {
+        let group = heads / kv_heads;
+        let mut out = vec![0f64; t * heads * hd];
+        for i in 0..t {
+            for h in 0..heads {
+                let kh = h / group;
+                let km = kmax(i).min(s);
+                let sc: Vec<f64> = (0..km)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| {
+                                q[i * heads * hd + h * hd + d] as f64
+                                    * k[j * kv_heads * hd + kh * hd + d] as f64
+                            })
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    out[i * heads * hd + h * hd + d] = (0..km)
+                        .map(|j| e[j] / z * v[j * kv_heads * hd + kh * hd + d] as f64)
+                        .sum();
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_naive_with_gqa_and_limits() {
+        let (t, s, heads, kv_heads, hd) = (23, 29, 6, 2, 12);
+        let f = |i: usize, a: f32| ((i as f32 * a).sin() * 1.7) as f32;
+        let q: Vec<f32> = (0..t * heads * hd).map(|i| f(i, 0.37)).collect();
+        let k: Vec<f32> = (0..s * kv_heads * hd).map(|i| f(i, 0.91)).collect();
+        let v: Vec<f32> = (0..s * kv_heads * hd).map(|i| f(i, 1.31)).collect();
+        // Causal with a 6-position bidirectional prefix, offset so the last rows see all keys.
+        let kmax = |i: usize| (i + 7).max(6);
+        let mut out = vec![f32::NAN; t * heads * hd];
+        attention(
+            HeadRows {
+                data: &q,
+                ld: heads * hd,
+            },
+            HeadRows {
+                data: &k,
+                ld: kv_heads * hd,
+            },
+            HeadRows {
+                data: &v,
+                ld: kv_heads * hd,
+            },
+            t,
+            s,
+            heads,
+            kv_heads,
+            hd,
+            kmax,
+            &mut out,
+        );
+        let want = naive(&q, &k, &v, t, s, heads, kv_heads, hd, &kmax);
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-5, "out[{i}] = {a}, want {b}");
+        }
+    }
+}
