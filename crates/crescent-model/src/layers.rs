@@ -702,7 +702,7 @@ mod tests {
     #[test]
     fn attention_matches_naive_with_gqa_and_limits() {
         let (t, s, heads, kv_heads, hd) = (23, 29, 6, 2, 12);
-        let f = |i: usize, a: f32| ((i as f32 * a).sin() * 1.7) as f32;
+        let f = |i: usize, a: f32| (i as f32 * a).sin() * 1.7;
         let q: Vec<f32> = (0..t * heads * hd).map(|i| f(i, 0.37)).collect();
         let k: Vec<f32> = (0..s * kv_heads * hd).map(|i| f(i, 0.91)).collect();
         let v: Vec<f32> = (0..s * kv_heads * hd).map(|i| f(i, 1.31)).collect();
