@@ -14,7 +14,7 @@ use crescent_model::{synth, Config, KvCache, Quantize, WeightStorage};
 fn prompt_and_decode_attention_paths_agree_with_gqa() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/md3-tiny");
     let mut cfg = Config::from_file(&fixture.join("config.json")).expect("fixture config");
-    assert!(cfg.text.n_heads >= 2 && cfg.text.n_heads % 2 == 0);
+    assert!(cfg.text.n_heads >= 2 && cfg.text.n_heads.is_multiple_of(2));
     cfg.text.n_kv_heads = cfg.text.n_heads / 2;
     cfg.text.tau_attn = false; // tau gates are per query head and need n_kv_heads == n_heads
     cfg.validate().expect("GQA config is valid");
