@@ -286,6 +286,19 @@ fn check_q8(rows: usize, n: usize, k: usize, with_bias: bool, seed: u64) {
 
 /// int4 kernels (every ISA and path) against the f64 reference of the dequantized weights.
 fn check_q4(rows: usize, n: usize, k: usize, group: usize, with_bias: bool, seed: u64) {
+    VNNI_CHECKED
+        .with(|vnni_checked| check_q4_inner(rows, n, k, group, with_bias, seed, vnni_checked))
+}
+
+fn check_q4_inner(
+    rows: usize,
+    n: usize,
+    k: usize,
+    group: usize,
+    with_bias: bool,
+    seed: u64,
+    vnni_checked: &std::cell::Cell<usize>,
+) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let x = rng.vec(rows * k);
     let w = rng.vec(n * k);
@@ -319,9 +332,34 @@ fn check_q4(rows: usize, n: usize, k: usize, group: usize, with_bias: bool, seed
             );
             let what =
                 format!("q4 {isa:?} {path:?} rows={rows} n={n} k={k} g={group} bias={with_bias}");
+            if path != Path::Gemm && crate::quant::q4_uses_vnni(isa, rows, group, k) {
+                // int8 activations: each x rounds by at most max|x in its group| / 254.
+                let amax: Vec<f64> = x
+                    .chunks(group)
+                    .map(|g| g.iter().fold(0f64, |m, v| m.max(v.abs() as f64)))
+                    .collect();
+                for o in 0..n {
+                    let bound: f64 = (0..k)
+                        .map(|i| wd[o * k + i].abs() * amax[i / group] / 254.0)
+                        .sum::<f64>()
+                        + 1e-5 * scale[o];
+                    let err = (y[o] as f64 - reference[o]).abs();
+                    assert!(
+                        err <= bound,
+                        "{what} (vnni): y[{o}] err {err:e} > {bound:e}"
+                    );
+                }
+                vnni_checked.set(vnni_checked.get() + 1);
+                continue;
+            }
             assert_close(&what, &y, &reference, &scale, n);
         }
     }
+}
+
+thread_local! {
+    /// Calls of `check_q4` that exercised the VNNI kernel (so a test can tell it ran).
+    static VNNI_CHECKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 #[test]
@@ -350,6 +388,7 @@ fn q4_small_shapes() {
                 (32, 32),
                 (96, 32),
                 (416, 32),
+                (192, 32),
                 (128, 64),
                 (390, 2),
                 (390, 26),
@@ -359,6 +398,26 @@ fn q4_small_shapes() {
                 check_q4(rows, n, k, g, seed % 2 == 0, seed);
             }
         }
+    }
+}
+
+/// The int8-activation VNNI int4 kernel (decode shapes), within its stated error bound; it must
+/// actually run where the CPU has AVX-512 VNNI.
+#[test]
+fn q4_vnni_decode_shapes() {
+    let before = VNNI_CHECKED.with(|c| c.get());
+    for (i, &(n, k)) in [(5, 64), (33, 192), (64, 2048), (300, 1024), (17, 8192)]
+        .iter()
+        .enumerate()
+    {
+        check_q4(1, n, k, 32, i % 2 == 0, 900 + i as u64);
+    }
+    let ran = VNNI_CHECKED.with(|c| c.get()) - before;
+    if crate::quant::q4_uses_vnni(Isa::Avx512, 1, 32, 64) {
+        // Two of the three paths (Gemv, Auto) per shape.
+        assert_eq!(ran, 10, "the VNNI kernel did not run");
+    } else {
+        assert_eq!(ran, 0);
     }
 }
 

@@ -867,3 +867,114 @@ unsafe fn gemv_q8_seq1_avx512(
         *y.add(o) = s;
     }
 }
+
+/// Whether this CPU has what [`gemv_q4_seq1_vnni`] needs (AVX-512 BW + VNNI; checked once).
+pub(crate) fn has_vnni() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// Quantizes one row of x for [`gemv_q4_seq1_vnni`] (`group == 32`, `k % 64 == 0`): per group
+/// of 32, `sx = max|x| / 127` and `xq = round(x / sx)` (int8), laid out per 64 columns (groups
+/// A, B) as `[A even | B even | A odd | B odd]` (the byte order of the unpacked nibbles), plus
+/// `c = −8 · sx · Σ xq` per group (the weights' +8 storage offset).
+pub(crate) fn prepare_q4_x_vnni(x: &[f32], xq: &mut [i8], sx: &mut [f32], c: &mut [f32]) {
+    let mut q = [0i8; 32];
+    for (g, xs) in x.chunks_exact(32).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = amax / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        let mut sum = 0i32;
+        for (o, v) in q.iter_mut().zip(xs) {
+            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            sum += *o as i32;
+        }
+        sx[g] = s;
+        c[g] = -8.0 * s * sum as f32;
+        let span = &mut xq[(g / 2) * 64..(g / 2) * 64 + 64];
+        let half = (g % 2) * 16;
+        for i in 0..16 {
+            span[half + i] = q[2 * i];
+            span[32 + half + i] = q[2 * i + 1];
+        }
+    }
+}
+
+/// Single-row int4 GEMV with integer dot products (AVX-512 VNNI): x is quantized to int8 per
+/// group of 32 ([`prepare_q4_x_vnni`]) and each 64 weights (two groups, 32 bytes) take one
+/// `vpdpbusd` (nibbles × int8, 4 products per lane, exact in i32), one conversion and one FMA
+/// with the per-lane `scale_w · scale_x` — about 13 instructions per 64 weights, against ~24 for
+/// the f32 kernel ([`gemv_q4_seq1_avx512`]), which is compute-bound at half the bandwidth.
+/// Error: that of int8 activations, `|Δ| ≤ Σ |ŵ| · max|x_group| / 254` (exact otherwise).
+///
+/// # Safety
+/// AVX-512F/BW/VNNI and the module's features; `group == 32`, `k % 64 == 0`; `xq` has `k`
+/// bytes and `sx`, `c` `k / 32` floats from [`prepare_q4_x_vnni`]; `w` points to `nrows * k / 2`
+/// readable bytes, `scales` to `nrows * k / 32` floats; `y` (and `bias` if not null) have
+/// `nrows` floats, `y` written by nobody else.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_q4_seq1_vnni(
+    xq: *const i8,
+    sx: *const f32,
+    c: *const f32,
+    k: usize,
+    w: *const u8,
+    scales: *const f32,
+    nrows: usize,
+    bias: *const f32,
+    y: *mut f32,
+) {
+    let spans = k / 64;
+    let gpr = k / 32;
+    let row_bytes = k / 2;
+    let nib = _mm256_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    // One span of 64 weights into `tot`; returns the offset term of its two groups.
+    macro_rules! span {
+        ($wr:expr, $sr:expr, $p:expr, $tot:expr) => {{
+            let p = $p;
+            let wp = $wr.add(32 * p);
+            if p % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(SEQ_PF_BYTES).cast::<i8>());
+            }
+            let wv = _mm256_loadu_si256(wp.cast::<__m256i>());
+            let lo = _mm256_and_si256(wv, nib);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
+            let qz = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let xz = _mm512_loadu_si512(xq.add(64 * p).cast::<__m512i>());
+            let d = _mm512_dpbusd_epi32(zero, qz, xz);
+            let (wa, wb) = (*$sr.add(2 * p), *$sr.add(2 * p + 1));
+            let sv = _mm512_mask_blend_ps(
+                0xF0F0,
+                _mm512_set1_ps(wa * *sx.add(2 * p)),
+                _mm512_set1_ps(wb * *sx.add(2 * p + 1)),
+            );
+            $tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, $tot);
+            wa * *c.add(2 * p) + wb * *c.add(2 * p + 1)
+        }};
+    }
+    for o in 0..nrows {
+        let wr = w.add(o * row_bytes);
+        let sr = scales.add(o * gpr);
+        let mut t0 = _mm512_setzero_ps();
+        let mut t1 = _mm512_setzero_ps();
+        let mut corr = 0f32;
+        let mut p = 0;
+        while p + 2 <= spans {
+            corr += span!(wr, sr, p, t0);
+            corr += span!(wr, sr, p + 1, t1);
+            p += 2;
+        }
+        if p < spans {
+            corr += span!(wr, sr, p, t0);
+        }
+        let mut v = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) + corr;
+        if !bias.is_null() {
+            v += *bias.add(o);
+        }
+        *y.add(o) = v;
+    }
+}
