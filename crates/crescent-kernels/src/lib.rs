@@ -55,7 +55,8 @@
 //!   f32 micro-kernel. The AVX2 int4 GEMV needs groups that are multiples of
 //!   32 (else portable).
 //! * **ISA**: AVX-512F (GEMM micro-kernel; multi-row bf16 GEMV; int8 GEMV;
-//!   single-row int4 GEMV and int4's dequantized multi-row blocks; the
+//!   single-row int4 GEMV — with AVX-512 VNNI + BW, an integer kernel on x
+//!   quantized to int8 per group of 32 — and int4's dequantized multi-row blocks; the
 //!   single-row bf16 GEMV and `dot_rows` / `axpy_rows` stay AVX2), AVX2 +
 //!   FMA + F16C detected at runtime; otherwise the same blocking in plain
 //!   Rust that LLVM auto-vectorises. `CRESCENT_KERNELS_ISA=avx2` / `portable`
