@@ -412,6 +412,29 @@ fn q4_vnni_decode_shapes() {
     {
         check_q4(1, n, k, 32, i % 2 == 0, 900 + i as u64);
     }
+    // Non-finite activations propagate (NaN, ±∞ → NaN or ±∞), as in the f32 kernels.
+    for bad in [f32::NAN, f32::INFINITY] {
+        let (n, k) = (9, 128);
+        let mut x = vec![0.5f32; k];
+        x[70] = bad;
+        let w: Vec<f32> = (0..n * k).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+        let (q, s) = quantize_q4(&w, n, k, 32);
+        let mut y = vec![0f32; n];
+        matmul_q4_forced(
+            Isa::detect(),
+            Path::Auto,
+            &x,
+            1,
+            &q,
+            &s,
+            32,
+            n,
+            k,
+            None,
+            &mut y,
+        );
+        assert!(y.iter().all(|v| !v.is_finite()), "{bad}: {y:?}");
+    }
     let ran = VNNI_CHECKED.with(|c| c.get()) - before;
     if crate::quant::q4_uses_vnni(Isa::Avx512, 1, 32, 64) {
         // Two of the three paths (Gemv, Auto) per shape.

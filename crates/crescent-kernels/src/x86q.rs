@@ -879,12 +879,18 @@ pub(crate) fn has_vnni() -> bool {
 /// Quantizes one row of x for [`gemv_q4_seq1_vnni`] (`group == 32`, `k % 64 == 0`): per group
 /// of 32, `sx = max|x| / 127` and `xq = round(x / sx)` (int8), laid out per 64 columns (groups
 /// A, B) as `[A even | B even | A odd | B odd]` (the byte order of the unpacked nibbles), plus
-/// `c = −8 · sx · Σ xq` per group (the weights' +8 storage offset).
+/// `c = −8 · sx · Σ xq` per group (the weights' +8 storage offset). A group holding a NaN gets
+/// `sx = NaN`, so the NaN reaches the output as it would in f32.
 pub(crate) fn prepare_q4_x_vnni(x: &[f32], xq: &mut [i8], sx: &mut [f32], c: &mut [f32]) {
     let mut q = [0i8; 32];
     for (g, xs) in x.chunks_exact(32).enumerate() {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = amax / 127.0;
+        // A NaN in x must reach the output as with the f32 kernels (int8 would drop it).
+        let s = if xs.iter().any(|v| v.is_nan()) {
+            f32::NAN
+        } else {
+            amax / 127.0
+        };
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         let mut sum = 0i32;
         for (o, v) in q.iter_mut().zip(xs) {
