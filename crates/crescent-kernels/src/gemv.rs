@@ -60,7 +60,7 @@ pub(crate) fn gemv<W: WeightElem>(
                 // SAFETY: `Isa::Avx512` implies AVX-512F and the AVX2 set were detected; lengths
                 // validated by `matmul_forced`; `d` is `x` laid out for this kernel; tasks get
                 // disjoint `o0..o1`, and `y` outlives the parallel section.
-                unsafe { crate::x86::gemv_range_bf16_avx512(d, rows, wb, k, n, o0, o1, bias, yp) }
+                unsafe { crate::x86::gemv_range_avx512(d, rows, wb, None, k, n, o0, o1, bias, yp) }
             });
         });
         return;

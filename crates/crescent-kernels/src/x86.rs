@@ -465,7 +465,7 @@ pub(crate) unsafe fn kernel_avx512<const MA: usize>(
     }
 }
 
-/// Re-lays out each row of `x` (row length `k`) for [`gemv_range_bf16_avx512`]: every full
+/// Re-lays out each row of `x` (row length `k`) for the bf16 [`gemv_range_avx512`]: every full
 /// block of 32 becomes `[x0, x2, .., x30, x1, x3, .., x31]` (the lane order of 32 bf16 weights
 /// unpacked from one zmm load); the `k % 32` tail stays in natural order.
 pub(crate) fn deinterleave_x32(x: &[f32], k: usize, dst: &mut [f32]) {
@@ -488,41 +488,100 @@ pub(crate) fn deinterleave_x32(x: &[f32], k: usize, dst: &mut [f32]) {
     }
 }
 
-/// `R` rows of x × `NW` bf16 weight rows with zmm registers: `out[r][j] = x[r] · w[j]`,
-/// prefetching the `NW` rows at `pf` (if not null).
+/// Weights the zmm multi-row GEMV blocks read 32 at a time (bf16, int8, f32).
+pub(crate) trait Zmm32: Copy {
+    /// 32 weights at `p` as two f32 vectors, in the lane order `x` must be laid out in
+    /// (bf16: even then odd elements, see [`deinterleave_x32`]; int8 and f32: natural).
+    ///
+    /// # Safety
+    /// AVX-512F available; `p .. p + 32` readable.
+    unsafe fn load32(p: *const Self) -> (__m512, __m512);
+    /// One weight as f32 (the `k % 32` tail).
+    fn widen(self) -> f32;
+}
+
+impl Zmm32 for half::bf16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load32(p: *const Self) -> (__m512, __m512) {
+        let v = _mm512_loadu_si512(p.cast::<__m512i>());
+        let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+        let odd = _mm512_castsi512_ps(_mm512_and_si512(
+            v,
+            _mm512_set1_epi32(0xFFFF_0000_u32 as i32),
+        ));
+        (even, odd)
+    }
+    #[inline]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Zmm32 for i8 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load32(p: *const Self) -> (__m512, __m512) {
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
+        (lo, hi)
+    }
+    #[inline]
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+}
+
+impl Zmm32 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load32(p: *const Self) -> (__m512, __m512) {
+        (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+    }
+    #[inline]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+/// `R` rows of x × `NW` weight rows with zmm registers (16 accumulators at most):
+/// `out[r][j] = x[r] · w[j]`, prefetching the `NW` rows at `pf` (if not null).
 ///
 /// # Safety
-/// AVX-512F and the module's features; `xp` has `R * k` floats laid out by
-/// [`deinterleave_x32`]; `w` points to `NW * k` readable weights; `pf` may be anything.
+/// AVX-512F and the module's features; `x` has `R * k` floats laid out as `W::load32`
+/// expects; `w` points to `NW * k` readable weights; `pf` may be anything.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
-unsafe fn gemv_block_bf16_avx512<const R: usize, const NW: usize>(
-    xp: *const f32,
+unsafe fn zmm_block<W: Zmm32, const R: usize, const NW: usize>(
+    x: *const f32,
     k: usize,
-    w: *const half::bf16,
-    pf: *const half::bf16,
-    out: &mut [[f32; NW]; R],
+    w: *const W,
+    pf: *const W,
+    out: &mut [[f32; 4]; 4],
 ) {
+    let sz = core::mem::size_of::<W>();
     let k32 = k & !31;
-    let hi_mask = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
     let mut acc = [[_mm512_setzero_ps(); NW]; R];
     let mut kk = 0;
     while kk < k32 {
-        // 32 bf16 = one 64-byte line per weight row.
-        if !pf.is_null() {
+        // One prefetch per 64-byte line of each of the next rows.
+        if !pf.is_null() && (kk * sz).is_multiple_of(64) {
             for j in 0..NW {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(j * k + kk).cast::<i8>());
+                let line = pf.wrapping_add(j * k + kk).cast::<i8>();
+                let mut b = 0;
+                while b < 32 * sz {
+                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(b));
+                    b += 64;
+                }
             }
         }
         for j in 0..NW {
-            let v = _mm512_loadu_si512(w.add(j * k + kk).cast::<__m512i>());
-            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-            let odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+            let (lo, hi) = W::load32(w.add(j * k + kk));
             for r in 0..R {
-                let xr = xp.add(r * k + kk);
-                acc[r][j] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr), acc[r][j]);
-                acc[r][j] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr.add(16)), acc[r][j]);
+                let xr = x.add(r * k + kk);
+                acc[r][j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r][j]);
+                acc[r][j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr.add(16)), acc[r][j]);
             }
         }
         kk += 32;
@@ -531,29 +590,86 @@ unsafe fn gemv_block_bf16_avx512<const R: usize, const NW: usize>(
         for j in 0..NW {
             let mut s = _mm512_reduce_add_ps(acc[r][j]);
             for t in k32..k {
-                s += *xp.add(r * k + t) * (*w.add(j * k + t)).to_f32();
+                s += *x.add(r * k + t) * (*w.add(j * k + t)).widen();
             }
             out[r][j] = s;
         }
     }
 }
 
-/// Several rows of x (`rows >= 1`) × bf16 weight rows `o0..o1` with AVX-512F: blocks of 4
-/// weight rows (streamed once, the next block prefetched) against groups of up to 4 rows of x
-/// (16 zmm accumulators). Twice the work per instruction of the AVX2 `gemv_range`, which is
-/// compute-bound from ~8 rows (batched decode).
+/// Rows `0..rows` of x × weight rows `o0..o1` (row length `k`) in blocks of 4 weight rows
+/// (each streamed once, the next block prefetched when `prefetch`) against groups of up to 4
+/// rows of x; calls `put(r, o, x[r] · w[o])` for every pair.
 ///
 /// # Safety
-/// AVX-512F and the module's features; `xp.len() == rows * k` laid out by
-/// [`deinterleave_x32`]; `w.len() >= o1 * k`, `o0 <= o1 <= n`, `bias` (if any) has `n`
+/// AVX-512F and the module's features; `x` has `rows * k` floats laid out as `W::load32`
+/// expects; `w` points to at least `o1 * k` readable weights.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn zmm_rows<W: Zmm32>(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const W,
+    o0: usize,
+    o1: usize,
+    prefetch: bool,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let mut o = o0;
+    while o < o1 {
+        let nw = if o1 - o >= 4 { 4 } else { 1 };
+        let pf = if prefetch && o + 2 * nw <= o1 {
+            w.wrapping_add((o + nw) * k)
+        } else {
+            core::ptr::null()
+        };
+        let wo = w.add(o * k);
+        let mut r = 0;
+        while r < rows {
+            let rc = match rows - r {
+                n if n >= 4 => 4,
+                n if n >= 2 => 2,
+                _ => 1,
+            };
+            let xr = x.add(r * k);
+            let mut res = [[0f32; 4]; 4];
+            match (rc, nw) {
+                (4, 4) => zmm_block::<W, 4, 4>(xr, k, wo, pf, &mut res),
+                (2, 4) => zmm_block::<W, 2, 4>(xr, k, wo, pf, &mut res),
+                (_, 4) => zmm_block::<W, 1, 4>(xr, k, wo, pf, &mut res),
+                (4, _) => zmm_block::<W, 4, 1>(xr, k, wo, pf, &mut res),
+                (2, _) => zmm_block::<W, 2, 1>(xr, k, wo, pf, &mut res),
+                _ => zmm_block::<W, 1, 1>(xr, k, wo, pf, &mut res),
+            }
+            for (i, row) in res[..rc].iter().enumerate() {
+                for (j, v) in row[..nw].iter().enumerate() {
+                    put(r + i, o + j, *v);
+                }
+            }
+            r += rc;
+        }
+        o += nw;
+    }
+}
+
+/// Several rows of x × weight rows `o0..o1` with AVX-512F (batched decode):
+/// `y[r*n + o] = x[r]·w[o] · scale[o] (+ bias[o])` (`scales` for int8 rows). Twice the work
+/// per instruction of the AVX2 kernels, which are compute-bound from ~8 rows.
+///
+/// # Safety
+/// AVX-512F and the module's features; `xp.len() == rows * k` laid out as `W::load32` expects;
+/// `w.len() >= o1 * k`, `o0 <= o1 <= n`, `scales` (if any) has `o1` and `bias` (if any) `n`
 /// elements; `y.0` points to a live `rows * n` buffer whose columns `o0..o1` nobody else
 /// accesses during this call.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemv_range_bf16_avx512(
+pub(crate) unsafe fn gemv_range_avx512<W: Zmm32>(
     xp: &[f32],
     rows: usize,
-    w: &[half::bf16],
+    w: &[W],
+    scales: Option<&[f32]>,
     k: usize,
     n: usize,
     o0: usize,
@@ -562,129 +678,8 @@ pub(crate) unsafe fn gemv_range_bf16_avx512(
     y: SyncPtr,
 ) {
     debug_assert!(xp.len() == rows * k && w.len() >= o1 * k && o1 <= n);
-    macro_rules! block {
-        ($r:expr, $o:expr, $R:literal, $NW:literal) => {{
-            let mut res = [[0.0f32; $NW]; $R];
-            let pf = if $o + 2 * $NW <= o1 {
-                w.as_ptr().wrapping_add(($o + $NW) * k)
-            } else {
-                core::ptr::null()
-            };
-            gemv_block_bf16_avx512::<$R, $NW>(
-                xp.as_ptr().add($r * k),
-                k,
-                w.as_ptr().add($o * k),
-                pf,
-                &mut res,
-            );
-            for (i, row) in res.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    let b = bias.map_or(0.0, |b| b[$o + j]);
-                    *y.0.add(($r + i) * n + $o + j) = v + b;
-                }
-            }
-        }};
-    }
-    let mut o = o0;
-    while o < o1 {
-        let quad = o1 - o >= 4;
-        let mut r = 0;
-        while r < rows {
-            let left = rows - r;
-            let rc = if left >= 4 {
-                4
-            } else if left >= 2 {
-                2
-            } else {
-                1
-            };
-            match (rc, quad) {
-                (4, true) => block!(r, o, 4, 4),
-                (2, true) => block!(r, o, 2, 4),
-                (_, true) => block!(r, o, 1, 4),
-                (4, false) => block!(r, o, 4, 1),
-                (2, false) => block!(r, o, 2, 1),
-                _ => block!(r, o, 1, 1),
-            }
-            r += rc;
-        }
-        o += if quad { 4 } else { 1 };
-    }
-}
-
-/// `R` rows of x × `NW` f32 weight rows (already in cache: dequantized blocks) with zmm
-/// registers: `out[r][j] = x[r] · w[j]` over `k` elements (any consistent element order).
-///
-/// # Safety
-/// AVX-512F and the module's features; `x` has `R * k` floats, `w` `NW * k`.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
-unsafe fn f32_block_avx512<const R: usize, const NW: usize>(
-    x: *const f32,
-    k: usize,
-    w: *const f32,
-    out: &mut [[f32; 4]; 4],
-) {
-    let k16 = k & !15;
-    let mut acc = [[_mm512_setzero_ps(); NW]; R];
-    let mut kk = 0;
-    while kk < k16 {
-        for j in 0..NW {
-            let wv = _mm512_loadu_ps(w.add(j * k + kk));
-            for r in 0..R {
-                acc[r][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.add(r * k + kk)), acc[r][j]);
-            }
-        }
-        kk += 16;
-    }
-    for r in 0..R {
-        for j in 0..NW {
-            let mut s = _mm512_reduce_add_ps(acc[r][j]);
-            for t in k16..k {
-                s += *x.add(r * k + t) * *w.add(j * k + t);
-            }
-            out[r][j] = s;
-        }
-    }
-}
-
-/// `out[r][j] = x[r] · w[j]` for `r < rows ≤ 4`, `j < nw ≤ 4` (f32 weights in cache), with
-/// the zmm block kernel.
-///
-/// # Safety
-/// AVX-512F and the module's features; `x` has `rows * k` floats, `w` `nw * k`.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[allow(clippy::needless_range_loop)] // indices address both x/w rows and `out`
-pub(crate) unsafe fn f32_rows_avx512(
-    x: *const f32,
-    rows: usize,
-    k: usize,
-    w: *const f32,
-    nw: usize,
-    out: &mut [[f32; 4]; 4],
-) {
-    debug_assert!((1..=4).contains(&rows) && (1..=4).contains(&nw));
-    if nw == 4 {
-        match rows {
-            4 => f32_block_avx512::<4, 4>(x, k, w, out),
-            3 | 2 => {
-                f32_block_avx512::<2, 4>(x, k, w, out);
-                if rows == 3 {
-                    let mut o = [[0f32; 4]; 4];
-                    f32_block_avx512::<1, 4>(x.add(2 * k), k, w, &mut o);
-                    out[2] = o[0];
-                }
-            }
-            _ => f32_block_avx512::<1, 4>(x, k, w, out),
-        }
-        return;
-    }
-    for j in 0..nw {
-        for r in 0..rows {
-            let mut o = [[0f32; 4]; 4];
-            f32_block_avx512::<1, 1>(x.add(r * k), k, w.add(j * k), &mut o);
-            out[r][j] = o[0][0];
-        }
-    }
+    zmm_rows(xp.as_ptr(), rows, k, w.as_ptr(), o0, o1, true, |r, o, v| {
+        let v = scales.map_or(v, |s| v * s[o]);
+        *y.0.add(r * n + o) = v + bias.map_or(0.0, |b| b[o]);
+    });
 }

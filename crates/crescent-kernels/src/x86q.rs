@@ -481,27 +481,19 @@ pub(crate) unsafe fn gemv_q4_range(
                 buf.as_mut_ptr(),
             );
             if avx512 {
-                // Groups of up to 4 rows of x against the 4 dequantized rows, zmm registers.
-                let mut r = 0;
-                while r < rows {
-                    let rc = (rows - r).min(4);
-                    let mut res = [[0f32; 4]; 4];
-                    crate::x86::f32_rows_avx512(
-                        x.as_ptr().add(r * k),
-                        rc,
-                        k,
-                        buf.as_ptr(),
-                        nw,
-                        &mut res,
-                    );
-                    for (i, row) in res[..rc].iter().enumerate() {
-                        for (j, v) in row[..nw].iter().enumerate() {
-                            let b = bias.map_or(0.0, |b| b[o + j]);
-                            *y.0.add((r + i) * n + o + j) = v + b;
-                        }
-                    }
-                    r += rc;
-                }
+                // Every row of x against the dequantized rows (in cache), zmm registers.
+                crate::x86::zmm_rows(
+                    x.as_ptr(),
+                    rows,
+                    k,
+                    buf.as_ptr(),
+                    0,
+                    nw,
+                    false,
+                    |r, j, v| {
+                        *y.0.add(r * n + o + j) = v + bias.map_or(0.0, |b| b[o + j]);
+                    },
+                );
                 o += nw;
                 continue;
             }
@@ -690,58 +682,9 @@ pub(crate) unsafe fn gemv_q4_seq1_avx512(
     }
 }
 
-/// `R` rows of x × `NW` int8 weight rows with zmm registers: `out[r][j] = x[r] · q[j]` (before
-/// the row scale), prefetching the `NW` rows at `pf` (if not null).
-///
-/// # Safety
-/// AVX-512F and the module's features; `x` has `R * k` floats (natural order), `w` `NW * k`
-/// readable bytes; `pf` may be anything.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
-unsafe fn gemv_q8_block_avx512<const R: usize, const NW: usize>(
-    x: *const f32,
-    k: usize,
-    w: *const i8,
-    pf: *const i8,
-    out: &mut [[f32; NW]; R],
-) {
-    let k32 = k & !31;
-    let mut acc = [[_mm512_setzero_ps(); NW]; R];
-    let mut kk = 0;
-    while kk < k32 {
-        if !pf.is_null() && kk % 64 == 0 {
-            for j in 0..NW {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(j * k + kk));
-            }
-        }
-        for j in 0..NW {
-            let p = w.add(j * k + kk);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
-            for r in 0..R {
-                let xr = x.add(r * k + kk);
-                acc[r][j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r][j]);
-                acc[r][j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr.add(16)), acc[r][j]);
-            }
-        }
-        kk += 32;
-    }
-    for r in 0..R {
-        for j in 0..NW {
-            let mut s = _mm512_reduce_add_ps(acc[r][j]);
-            for t in k32..k {
-                s += *x.add(r * k + t) * f32::from(*w.add(j * k + t));
-            }
-            out[r][j] = s;
-        }
-    }
-}
-
 /// int8 GEMV over output features `o0..o1` with AVX-512F: one row of x streams the weights
-/// ([`gemv_q8_seq1_avx512`]); several rows (batched decode) use blocks of 4 weight rows against
-/// groups of up to 4 rows of x; `y[r*n + o] = scales[o] · x[r]·q[o] (+ bias[o])`. The AVX2
-/// kernels are compute-bound with several rows.
+/// ([`gemv_q8_seq1_avx512`]); several rows (batched decode) go through the shared zmm blocks
+/// (`x86::gemv_range_avx512`); `y[r*n + o] = scales[o] · x[r]·q[o] (+ bias[o])`.
 ///
 /// # Safety
 /// AVX-512F and the module's features; otherwise as `gemv_q8_range`.
@@ -772,54 +715,7 @@ pub(crate) unsafe fn gemv_q8_range_avx512(
         );
         return;
     }
-    macro_rules! block {
-        ($r:expr, $o:expr, $R:literal, $NW:literal) => {{
-            let mut res = [[0.0f32; $NW]; $R];
-            let pf = if $o + 2 * $NW <= o1 {
-                q.as_ptr().wrapping_add(($o + $NW) * k)
-            } else {
-                core::ptr::null()
-            };
-            gemv_q8_block_avx512::<$R, $NW>(
-                x.as_ptr().add($r * k),
-                k,
-                q.as_ptr().add($o * k),
-                pf,
-                &mut res,
-            );
-            for (i, row) in res.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    let b = bias.map_or(0.0, |b| b[$o + j]);
-                    *y.0.add(($r + i) * n + $o + j) = v * scales[$o + j] + b;
-                }
-            }
-        }};
-    }
-    let mut o = o0;
-    while o < o1 {
-        let quad = o1 - o >= 4;
-        let mut r = 0;
-        while r < rows {
-            let left = rows - r;
-            let rc = if left >= 4 {
-                4
-            } else if left >= 2 {
-                2
-            } else {
-                1
-            };
-            match (rc, quad) {
-                (4, true) => block!(r, o, 4, 4),
-                (2, true) => block!(r, o, 2, 4),
-                (_, true) => block!(r, o, 1, 4),
-                (4, false) => block!(r, o, 4, 1),
-                (2, false) => block!(r, o, 2, 1),
-                _ => block!(r, o, 1, 1),
-            }
-            r += rc;
-        }
-        o += if quad { 4 } else { 1 };
-    }
+    crate::x86::gemv_range_avx512(x, rows, q, Some(scales), k, n, o0, o1, bias, y);
 }
 
 /// [`gemv_q8_seq1`] with zmm registers: 16 int8 weights widened per instruction (≈ 5 ops per 16
