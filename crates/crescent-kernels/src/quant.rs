@@ -619,7 +619,7 @@ pub fn matmul_q4_forced(
     if q4_uses_vnni(isa, rows, group, k) {
         // Decode: integer dot products against x quantized to int8 per group (see the kernel).
         let gpr = k / 32;
-        let mut xq = vec![0i8; k];
+        let mut xq = vec![0i8; crate::x86q::q4_vnni_xq_len(k)];
         let mut sx = vec![0f32; gpr];
         let mut c = vec![0f32; gpr];
         crate::x86q::prepare_q4_x_vnni(x, &mut xq, &mut sx, &mut c);
