@@ -96,6 +96,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     let opts = LoadOptions {
         weights: a.weights.into(),
         quantize: a.quantize.into(),
+        kv_dtype: a.kv_dtype.option(),
         ..Default::default()
     };
     let model = Arc::new(Moondream::load_files(&files, &opts).map_err(rt)?);
@@ -122,7 +123,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
     let n_img = v.n_image_tokens();
     let caption = tk.templates.caption.normal.clone();
     let prompt_len = 1 + n_img + caption.len();
-    let mut pool = KvPool::with_memory_mb(&cfg.text, 16, a.kv_mb);
+    let mut pool = KvPool::with_memory_mb(&cfg.text, 16, a.kv_mb, model.kv_dtype());
     let img = random_tensor((n_img, cfg.text.dim), 2)
         .map_err(|e| Failure::runtime(anyhow::anyhow!("{e}")))?;
     let bos = model.text.embed_ids(&[tk.bos_id]).map_err(rt)?;
@@ -283,6 +284,7 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         "model": files.dir.display().to_string(),
         "weights": format!("{:?}", a.weights),
         "quantize": Quantize::from(a.quantize).name(),
+        "kv_dtype": model.kv_dtype().name(),
         "text_weight_kinds": model
             .text
             .weight_kinds()

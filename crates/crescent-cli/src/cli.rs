@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use crescent_model::hub::DEFAULT_MODEL;
-use crescent_model::{Quantize, WeightStorage};
+use crescent_model::{KvDtype, Quantize, WeightStorage};
 use crescent_skills::{CaptionLength, SpatialRef};
 
 /// Moondream 3 inference on the CPU.
@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// the --weights dtype. Lower memory and faster decoding, slightly different outputs.
     #[arg(long, value_enum, value_name = "KIND", default_value_t = QuantizeArg::None)]
     pub quantize: QuantizeArg,
+    /// Element type of the KV cache: `auto` is f32 with unquantized weights (the reference's
+    /// numerics) and f16 with --quantize (half the bytes per decode step, twice the positions
+    /// per MiB; its rounding is far below the weights').
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = KvDtypeArg::Auto)]
+    pub kv_dtype: KvDtypeArg,
 }
 
 /// `crescent bench`.
@@ -122,6 +127,11 @@ pub struct BenchArgs {
     /// the --weights dtype. Lower memory and faster decoding, slightly different outputs.
     #[arg(long, value_enum, value_name = "KIND", default_value_t = QuantizeArg::None)]
     pub quantize: QuantizeArg,
+    /// Element type of the KV cache: `auto` is f32 with unquantized weights (the reference's
+    /// numerics) and f16 with --quantize (half the bytes per decode step, twice the positions
+    /// per MiB; its rounding is far below the weights').
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = KvDtypeArg::Auto)]
+    pub kv_dtype: KvDtypeArg,
 }
 
 impl Command {
@@ -275,6 +285,11 @@ pub struct CommonArgs {
     /// the --weights dtype. Lower memory and faster decoding, slightly different outputs.
     #[arg(long, value_enum, value_name = "KIND", default_value_t = QuantizeArg::None)]
     pub quantize: QuantizeArg,
+    /// Element type of the KV cache: `auto` is f32 with unquantized weights (the reference's
+    /// numerics) and f16 with --quantize (half the bytes per decode step, twice the positions
+    /// per MiB; its rounding is far below the weights').
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = KvDtypeArg::Auto)]
+    pub kv_dtype: KvDtypeArg,
 }
 
 /// `--weights` values.
@@ -312,6 +327,28 @@ impl From<QuantizeArg> for Quantize {
             QuantizeArg::None => Quantize::None,
             QuantizeArg::Int8 => Quantize::Int8,
             QuantizeArg::Int4 => Quantize::INT4,
+        }
+    }
+}
+
+/// `--kv-dtype` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvDtypeArg {
+    /// f32 for unquantized weights, f16 for quantized ones.
+    Auto,
+    /// f32 (exact).
+    F32,
+    /// f16.
+    F16,
+}
+
+impl KvDtypeArg {
+    /// The load option (`None` = decided by the quantization).
+    pub fn option(self) -> Option<KvDtype> {
+        match self {
+            KvDtypeArg::Auto => None,
+            KvDtypeArg::F32 => Some(KvDtype::F32),
+            KvDtypeArg::F16 => Some(KvDtype::F16),
         }
     }
 }

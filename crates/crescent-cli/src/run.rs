@@ -11,7 +11,9 @@ use crescent_engine::{Engine, EngineConfig, EngineError, Generation, ImageInput,
 use crescent_image::{preprocess, CropConfig, DecodeLimits};
 use crescent_model::config::TextConfig;
 use crescent_model::weights::Checkpoint;
-use crescent_model::{load_tokenizer, Config, Conventions, KvPool, LoadOptions, Moondream};
+use crescent_model::{
+    load_tokenizer, Config, Conventions, KvDtype, KvPool, LoadOptions, Moondream,
+};
 use crescent_skills::{
     resolve_settings, SettingsOverrides, SkillContext, SkillError, SkillRequest,
 };
@@ -150,10 +152,10 @@ fn load_image(path: &Path, config: &Config) -> Result<ImageInput, Failure> {
 /// Engine sizing for one request: a batch of one and a KV pool that holds two whole contexts
 /// (the prefix cache keeps its own copy of the image blocks besides the sequence's), so no
 /// request is refused or left waiting, and not much more memory is reserved than it can use.
-fn engine_config(text: &TextConfig) -> EngineConfig {
+fn engine_config(text: &TextConfig, kv: KvDtype) -> EngineConfig {
     let base = EngineConfig::default();
     let blocks = 2 * text.max_context.div_ceil(base.block_size.max(1)) + 2;
-    let bytes = KvPool::bytes_per_block(text, base.block_size).saturating_mul(blocks);
+    let bytes = KvPool::bytes_per_block(text, base.block_size, kv).saturating_mul(blocks);
     EngineConfig {
         max_batch_size: 1,
         kv_cache_mb: bytes.div_ceil(1 << 20).max(1),
@@ -217,6 +219,7 @@ pub fn run(cmd: &Command) -> Result<(), Failure> {
     let opts = LoadOptions {
         weights: common.weights.into(),
         quantize: common.quantize.into(),
+        kv_dtype: common.kv_dtype.option(),
         conventions,
         ..LoadOptions::default()
     };
@@ -225,7 +228,7 @@ pub fn run(cmd: &Command) -> Result<(), Failure> {
     drop(ck);
     load_ms += ms(t_weights);
     tracing::info!(dir = %model_dir, load_ms, "model loaded");
-    let engine_cfg = engine_config(&model.config.text);
+    let engine_cfg = engine_config(&model.config.text, model.kv_dtype());
     let engine = Engine::with_config(Arc::new(model), tokenizer, engine_cfg);
 
     // Vision, prefill and decoding.

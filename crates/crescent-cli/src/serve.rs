@@ -91,12 +91,14 @@ async fn serve(a: &ServeArgs) -> Result<(), Failure> {
     let files = resolve_model(&a.model).map_err(Failure::runtime)?;
     let weights = a.weights.into();
     let quantize = a.quantize.into();
+    let kv_dtype = a.kv_dtype.option();
     let load = tokio::task::spawn_blocking(move || -> Result<_, crescent_model::ModelError> {
         let model = Moondream::load_files(
             &files,
             &LoadOptions {
                 weights,
                 quantize,
+                kv_dtype,
                 ..Default::default()
             },
         )?;
@@ -110,7 +112,7 @@ async fn serve(a: &ServeArgs) -> Result<(), Failure> {
         _ = shutdown_signal() => return Ok(()),
     };
     let kv_cache_mb = a.kv_cache_mb.unwrap_or_else(|| {
-        let per_block = KvPool::bytes_per_block(&model.config.text, 16);
+        let per_block = KvPool::bytes_per_block(&model.config.text, 16, model.kv_dtype());
         // A quarter of what is left, at least room for two full prompts of 1 500 positions.
         let floor = (2 * 1500 / 16 + 2) * per_block / (1 << 20) + 1;
         available_mb().map_or(2048, |m| (m / 4).max(floor))

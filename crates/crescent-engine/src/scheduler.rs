@@ -210,7 +210,12 @@ impl Scheduler {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let pool = KvPool::with_memory_mb(&model.config.text, cfg.block_size, cfg.kv_cache_mb);
+        let pool = KvPool::with_memory_mb(
+            &model.config.text,
+            cfg.block_size,
+            cfg.kv_cache_mb,
+            model.kv_dtype(),
+        );
         metrics
             .kv_blocks_total
             .store(pool.total_blocks() as u64, Ordering::Relaxed);

@@ -130,13 +130,14 @@ use std::sync::OnceLock;
 pub use bench::{bandwidth_gb_s, gemm_peak_gflops};
 pub use half::{bf16, f16};
 pub use ops::{
-    add_assign, axpy_rows, dot, dot_rows, exp_inplace, geglu, gelu_erf, gelu_tanh, layer_norm,
-    softmax_partial, softmax_scaled,
+    add_assign, axpy_rows, axpy_rows_f16, dot, dot_rows, dot_rows_f16, exp_inplace, geglu,
+    gelu_erf, gelu_tanh, layer_norm, softmax_partial, softmax_scaled,
 };
 pub use quant::{
     dequantize_q4_row, dequantize_q8_row, matmul_q4, matmul_q4_forced, matmul_q8, matmul_q8_forced,
     quantize_q4, quantize_q8, Q4_GROUP,
 };
+pub use util::on_pool;
 pub use weights::WeightElem;
 
 /// Calls with at most this many rows of `x` always use the GEMV path

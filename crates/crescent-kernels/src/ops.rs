@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use half::f16;
+
 use crate::Isa;
 
 /// Lanes per block: one zmm or two ymm registers.
@@ -272,17 +274,104 @@ pub fn axpy_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
     axpy_rows_impl(w, rows, out)
 }
 
+#[inline(always)]
+fn dot_rows_f16_impl(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    let mut r32 = [0f32; 256];
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        // (head_dim ≤ 256 for every model here; longer rows take the slow path.)
+        if d <= r32.len() {
+            for (a, b) in r32.iter_mut().zip(r) {
+                *a = b.to_f32();
+            }
+            *o = dot_impl(q, &r32[..d]) * scale;
+        } else {
+            let r: Vec<f32> = r.iter().map(|v| v.to_f32()).collect();
+            *o = dot_impl(q, &r) * scale;
+        }
+    }
+}
+
+#[inline(always)]
+fn axpy_rows_f16_impl(w: &[f32], rows: &[f16], out: &mut [f32]) {
+    let d = out.len();
+    for (&ws, r) in w.iter().zip(rows.chunks_exact(d)) {
+        for (o, v) in out.iter_mut().zip(r) {
+            *o += ws * v.to_f32();
+        }
+    }
+}
+
+/// [`dot_rows`] over f16 rows (an f16 KV cache): each key is widened to f32 exactly, then the
+/// same arithmetic in the same order as [`dot_rows`], so results equal `dot_rows` on the
+/// widened keys, on every ISA.
+pub fn dot_rows_f16(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    assert!(d > 0 && rows.len() >= out.len() * d);
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect().has_avx2() {
+        // SAFETY: AVX2 + F16C were detected (`Isa::Avx2Fma` and up); `rows` holds `out.len()`
+        // rows of `d` halves (asserted).
+        unsafe { x86::dot_rows_f16(q, rows, scale, out) };
+        return;
+    }
+    dot_rows_f16_impl(q, rows, scale, out)
+}
+
+/// [`axpy_rows`] over f16 rows (an f16 KV cache's values), widened exactly; same results as
+/// `axpy_rows` on the widened values, on every ISA.
+pub fn axpy_rows_f16(w: &[f32], rows: &[f16], out: &mut [f32]) {
+    let d = out.len();
+    assert!(d > 0 && rows.len() >= w.len() * d);
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect().has_avx2() {
+        // SAFETY: AVX2 + F16C were detected; `rows` holds `w.len()` rows of `d` halves (asserted).
+        unsafe { x86::axpy_rows_f16(w, rows, out) };
+        return;
+    }
+    axpy_rows_f16_impl(w, rows, out)
+}
+
 /// AVX2 versions of the row kernels (LLVM's auto-vectoriser produced 2-lane code for the
 /// generic `dot_rows`: 10 GB/s of keys). Unfused multiply + add in the generic code's lane
 /// order, so results are bit-identical to it.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use half::f16;
     use std::arch::x86_64::*;
 
+    /// Element types of cached keys/values: 8 consecutive ones as f32 (exact).
+    pub(super) trait Row: Copy {
+        /// # Safety
+        /// `p .. p + 8` readable; AVX2 + F16C available.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn get(self) -> f32;
+    }
+    impl Row for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn get(self) -> f32 {
+            self
+        }
+    }
+    impl Row for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+        }
+        #[inline(always)]
+        fn get(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
     /// # Safety
-    /// AVX2 available; `rows.len() >= out.len() * q.len()`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dot_rows(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
+    /// AVX2 + F16C available; `rows.len() >= out.len() * q.len()`.
+    #[inline(always)]
+    unsafe fn dot_rows_any<R: Row>(q: &[f32], rows: &[R], scale: f32, out: &mut [f32]) {
         let d = q.len();
         let d16 = d & !15;
         let qp = q.as_ptr();
@@ -294,14 +383,11 @@ mod x86 {
             while i < d16 {
                 a0 = _mm256_add_ps(
                     a0,
-                    _mm256_mul_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(rp.add(i))),
+                    _mm256_mul_ps(_mm256_loadu_ps(qp.add(i)), R::load8(rp.add(i))),
                 );
                 a1 = _mm256_add_ps(
                     a1,
-                    _mm256_mul_ps(
-                        _mm256_loadu_ps(qp.add(i + 8)),
-                        _mm256_loadu_ps(rp.add(i + 8)),
-                    ),
+                    _mm256_mul_ps(_mm256_loadu_ps(qp.add(i + 8)), R::load8(rp.add(i + 8))),
                 );
                 i += 16;
             }
@@ -316,7 +402,7 @@ mod x86 {
                 _mm256_storeu_ps(acc.as_mut_ptr(), a0);
                 _mm256_storeu_ps(acc.as_mut_ptr().add(8), a1);
                 for (j, a) in acc[..d - d16].iter_mut().enumerate() {
-                    *a += *qp.add(d16 + j) * *rp.add(d16 + j);
+                    *a += *qp.add(d16 + j) * (*rp.add(d16 + j)).get();
                 }
                 super::fold(acc)
             };
@@ -325,9 +411,9 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX2 available; `rows.len() >= w.len() * out.len()`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn axpy_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+    /// AVX2 + F16C available; `rows.len() >= w.len() * out.len()`.
+    #[inline(always)]
+    unsafe fn axpy_rows_any<R: Row>(w: &[f32], rows: &[R], out: &mut [f32]) {
         let d = out.len();
         let d8 = d & !7;
         let op = out.as_mut_ptr();
@@ -338,15 +424,43 @@ mod x86 {
             while i < d8 {
                 let v = _mm256_add_ps(
                     _mm256_loadu_ps(op.add(i)),
-                    _mm256_mul_ps(wv, _mm256_loadu_ps(rp.add(i))),
+                    _mm256_mul_ps(wv, R::load8(rp.add(i))),
                 );
                 _mm256_storeu_ps(op.add(i), v);
                 i += 8;
             }
             for j in d8..d {
-                *op.add(j) += ws * *rp.add(j);
+                *op.add(j) += ws * (*rp.add(j)).get();
             }
         }
+    }
+
+    /// # Safety
+    /// AVX2 + F16C available; `rows.len() >= out.len() * q.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn dot_rows(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
+        dot_rows_any(q, rows, scale, out)
+    }
+
+    /// # Safety
+    /// AVX2 + F16C available; `rows.len() >= out.len() * q.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn dot_rows_f16(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
+        dot_rows_any(q, rows, scale, out)
+    }
+
+    /// # Safety
+    /// AVX2 + F16C available; `rows.len() >= w.len() * out.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn axpy_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+        axpy_rows_any(w, rows, out)
+    }
+
+    /// # Safety
+    /// AVX2 + F16C available; `rows.len() >= w.len() * out.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn axpy_rows_f16(w: &[f32], rows: &[f16], out: &mut [f32]) {
+        axpy_rows_any(w, rows, out)
     }
 }
 
@@ -563,6 +677,21 @@ mod tests {
             axpy_rows(&xs[500..509], rows, &mut a);
             axpy_rows_impl(&xs[500..509], rows, &mut b);
             assert_eq!(a, b, "axpy_rows d={d}");
+            // f16 rows: dispatched = generic = the f32 kernels on the widened rows.
+            let rh: Vec<f16> = rows.iter().map(|&v| f16::from_f32(v)).collect();
+            let rw: Vec<f32> = rh.iter().map(|v| v.to_f32()).collect();
+            let (mut a, mut b, mut c) = (vec![0f32; 9], vec![0f32; 9], vec![0f32; 9]);
+            dot_rows_f16(q, &rh, 0.3, &mut a);
+            dot_rows_f16_impl(q, &rh, 0.3, &mut b);
+            dot_rows(q, &rw, 0.3, &mut c);
+            assert_eq!(a, b, "dot_rows_f16 d={d}");
+            assert_eq!(a, c, "dot_rows_f16 vs f32 d={d}");
+            let (mut a, mut b, mut c) = (q.to_vec(), q.to_vec(), q.to_vec());
+            axpy_rows_f16(&xs[500..509], &rh, &mut a);
+            axpy_rows_f16_impl(&xs[500..509], &rh, &mut b);
+            axpy_rows(&xs[500..509], &rw, &mut c);
+            assert_eq!(a, b, "axpy_rows_f16 d={d}");
+            assert_eq!(a, c, "axpy_rows_f16 vs f32 d={d}");
         }
         let mut a = xs.clone();
         softmax_scaled(&mut a, 0.7);

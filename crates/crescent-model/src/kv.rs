@@ -2,11 +2,62 @@
 //! holding a table of block ids. Blocks are reference counted so that several sequences (and the
 //! prefix cache) can share the blocks of a common prefix (BOS + image).
 //!
-//! Layout of one block: `[layer][k|v][kv_head][slot][head_dim]` in f32, keys after RoPE and values
-//! after tau scaling (spec §6.9).
+//! Layout of one block: `[layer][k|v][kv_head][slot][head_dim]`, keys after RoPE and values
+//! after tau scaling (spec §6.9), stored as f32 (exact, the default with full-precision weights)
+//! or f16 ([`KvDtype`]: half the bytes read per decode step and twice the positions per MiB).
+
+use half::f16;
+use half::slice::HalfBitsSliceExt;
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
+
+/// Element type of the cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// f32: the reference's precision.
+    #[default]
+    F32,
+    /// IEEE half: 11-bit significands (relative rounding ≤ 2⁻¹¹); values beyond ±65504 are
+    /// saturated, not turned into infinities.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    /// Lower-case name (`f32`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
+/// The pool's storage.
+#[derive(Debug)]
+enum KvData {
+    F32(Vec<f32>),
+    /// f16 bit patterns (`vec![0u16; n]` is a zeroed allocation the OS backs lazily;
+    /// `vec![f16::ZERO; n]` would write every page up front).
+    F16(Vec<u16>),
+}
+
+/// A contiguous run of cached vectors (see [`KvPool::block_run`]).
+#[derive(Debug, Clone, Copy)]
+pub enum KvRun<'a> {
+    /// f32 storage.
+    F32(&'a [f32]),
+    /// f16 storage.
+    F16(&'a [f16]),
+}
 
 /// Default positions per block.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -19,15 +70,15 @@ pub struct KvPool {
     heads: usize,
     head_dim: usize,
     block_len: usize,
-    data: Vec<f32>,
+    data: KvData,
     refcnt: Vec<u32>,
     free: Vec<u32>,
 }
 
 impl KvPool {
-    /// A pool of `n_blocks` blocks of `block_size` positions for the decoder `cfg`. Memory is
-    /// reserved lazily by the OS (zeroed pages are only backed once written).
-    pub fn new(cfg: &TextConfig, block_size: usize, n_blocks: usize) -> Self {
+    /// A pool of `n_blocks` blocks of `block_size` positions for the decoder `cfg`, storing
+    /// `dtype`. Memory is reserved lazily by the OS (zeroed pages are only backed once written).
+    pub fn new(cfg: &TextConfig, block_size: usize, n_blocks: usize, dtype: KvDtype) -> Self {
         let block_size = block_size.max(1);
         let heads = cfg.n_kv_heads;
         let head_dim = cfg.head_dim();
@@ -38,22 +89,33 @@ impl KvPool {
             heads,
             head_dim,
             block_len,
-            data: vec![0f32; block_len * n_blocks],
+            data: match dtype {
+                KvDtype::F32 => KvData::F32(vec![0f32; block_len * n_blocks]),
+                KvDtype::F16 => KvData::F16(vec![0u16; block_len * n_blocks]),
+            },
             refcnt: vec![0; n_blocks],
             free: (0..n_blocks as u32).rev().collect(),
         }
     }
 
     /// A pool using about `mb` MiB.
-    pub fn with_memory_mb(cfg: &TextConfig, block_size: usize, mb: usize) -> Self {
-        let per_block = Self::bytes_per_block(cfg, block_size).max(1);
+    pub fn with_memory_mb(cfg: &TextConfig, block_size: usize, mb: usize, dtype: KvDtype) -> Self {
+        let per_block = Self::bytes_per_block(cfg, block_size, dtype).max(1);
         let n = (mb.saturating_mul(1 << 20) / per_block).max(1);
-        Self::new(cfg, block_size, n)
+        Self::new(cfg, block_size, n, dtype)
     }
 
     /// Bytes of one block.
-    pub fn bytes_per_block(cfg: &TextConfig, block_size: usize) -> usize {
-        cfg.n_layers * 2 * cfg.n_kv_heads * block_size * cfg.head_dim() * 4
+    pub fn bytes_per_block(cfg: &TextConfig, block_size: usize, dtype: KvDtype) -> usize {
+        cfg.n_layers * 2 * cfg.n_kv_heads * block_size * cfg.head_dim() * dtype.bytes()
+    }
+
+    /// Element type stored.
+    pub fn dtype(&self) -> KvDtype {
+        match self.data {
+            KvData::F32(_) => KvDtype::F32,
+            KvData::F16(_) => KvDtype::F16,
+        }
     }
 
     /// Positions per block.
@@ -107,11 +169,30 @@ impl KvPool {
             + (((layer * 2 + kv) * self.heads + head) * self.block_size + slot) * self.head_dim
     }
 
-    /// Key (kv = 0) or value (kv = 1) vector of one head at one position of a sequence.
-    pub fn vector(&self, seq: &SeqKv, layer: usize, kv: usize, head: usize, pos: usize) -> &[f32] {
+    /// Key (kv = 0) or value (kv = 1) vector of one head at one position of a sequence, as f32
+    /// into `out` (`head_dim` floats).
+    pub fn read(
+        &self,
+        seq: &SeqKv,
+        layer: usize,
+        kv: usize,
+        head: usize,
+        pos: usize,
+        out: &mut [f32],
+    ) {
         let b = seq.blocks[pos / self.block_size];
         let o = self.offset(b, layer, kv, head, pos % self.block_size);
-        &self.data[o..o + self.head_dim]
+        match &self.data {
+            KvData::F32(d) => out.copy_from_slice(&d[o..o + self.head_dim]),
+            KvData::F16(d) => {
+                for (a, v) in out
+                    .iter_mut()
+                    .zip(d[o..o + self.head_dim].reinterpret_cast::<f16>())
+                {
+                    *a = v.to_f32();
+                }
+            }
+        }
     }
 
     /// Contiguous run of key/value vectors of one head inside one block: positions
@@ -124,9 +205,13 @@ impl KvPool {
         head: usize,
         block_index: usize,
         len: usize,
-    ) -> &[f32] {
+    ) -> KvRun<'_> {
         let o = self.offset(seq.blocks[block_index], layer, kv, head, 0);
-        &self.data[o..o + len * self.head_dim]
+        let r = o..o + len * self.head_dim;
+        match &self.data {
+            KvData::F32(d) => KvRun::F32(&d[r]),
+            KvData::F16(d) => KvRun::F16(d[r].reinterpret_cast()),
+        }
     }
 
     /// Write a key/value vector.
@@ -142,12 +227,28 @@ impl KvPool {
         let b = seq.blocks[pos / self.block_size];
         debug_assert_eq!(self.refcnt[b as usize], 1, "write into a shared KV block");
         let o = self.offset(b, layer, kv, head, pos % self.block_size);
-        self.data[o..o + self.head_dim].copy_from_slice(v);
+        match &mut self.data {
+            KvData::F32(d) => d[o..o + self.head_dim].copy_from_slice(v),
+            KvData::F16(d) => {
+                for (a, &x) in d[o..o + self.head_dim].iter_mut().zip(v) {
+                    // Saturate instead of overflowing to ±∞ (NaN stays NaN).
+                    *a = f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits();
+                }
+            }
+        }
     }
 
     fn copy_block(&mut self, from: u32, to: u32) {
         let (f, t) = (from as usize * self.block_len, to as usize * self.block_len);
-        self.data.copy_within(f..f + self.block_len, t);
+        match &mut self.data {
+            KvData::F32(d) => d.copy_within(f..f + self.block_len, t),
+            KvData::F16(d) => d.copy_within(f..f + self.block_len, t),
+        }
+    }
+
+    /// Elements per key/value vector.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
     }
 
     /// Key/value heads per layer.
@@ -271,10 +372,29 @@ mod tests {
         }
     }
 
+    fn vector(
+        pool: &KvPool,
+        seq: &SeqKv,
+        layer: usize,
+        kv: usize,
+        head: usize,
+        pos: usize,
+    ) -> Vec<f32> {
+        let mut v = vec![0f32; 8];
+        pool.read(seq, layer, kv, head, pos, &mut v);
+        v
+    }
+
     #[test]
     fn reserve_fork_release_balance() {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            reserve_fork_release_balance_with(dtype);
+        }
+    }
+
+    fn reserve_fork_release_balance_with(dtype: KvDtype) {
         let c = cfg();
-        let mut pool = KvPool::new(&c, 4, 10);
+        let mut pool = KvPool::new(&c, 4, 10, dtype);
         let mut a = SeqKv::new();
         a.reserve(&mut pool, 10).unwrap();
         a.advance(10);
@@ -284,7 +404,7 @@ mod tests {
         let mut b = a.fork(&mut pool).unwrap();
         // two full blocks shared, the partial third copied
         assert_eq!(pool.used_blocks(), 4);
-        assert_eq!(pool.vector(&b, 1, 0, 1, 9), &v[..]);
+        assert_eq!(vector(&pool, &b, 1, 0, 1, 9), v);
         assert_eq!(&b.blocks()[..2], &a.blocks()[..2]);
         assert_ne!(b.blocks()[2], a.blocks()[2]);
         b.reserve(&mut pool, 20).unwrap();
@@ -297,10 +417,30 @@ mod tests {
     #[test]
     fn exhaustion_is_an_error_not_a_panic() {
         let c = cfg();
-        let mut pool = KvPool::new(&c, 4, 2);
+        let mut pool = KvPool::new(&c, 4, 2, KvDtype::F32);
         let mut a = SeqKv::new();
         assert!(a.reserve(&mut pool, 9).is_err());
         a.release(&mut pool);
         assert_eq!(pool.free_blocks(), 2);
+    }
+
+    #[test]
+    fn f16_rounds_and_saturates() {
+        let c = cfg();
+        let mut pool = KvPool::new(&c, 4, 1, KvDtype::F16);
+        assert_eq!(
+            KvPool::bytes_per_block(&c, 4, KvDtype::F16) * 2,
+            KvPool::bytes_per_block(&c, 4, KvDtype::F32)
+        );
+        let mut a = SeqKv::new();
+        a.reserve(&mut pool, 1).unwrap();
+        a.advance(1);
+        let v = [1.0f32 / 3.0, -1e6, 1e6, 65504.0, 1e-3, 0.0, -2.5, f32::NAN];
+        pool.write(&a, 0, 1, 0, 0, &v);
+        let got = vector(&pool, &a, 0, 1, 0, 0);
+        assert!((got[0] - 1.0 / 3.0).abs() <= (1.0 / 3.0) * 2f32.powi(-11));
+        assert_eq!(&got[1..7], &[-65504.0, 65504.0, 65504.0, got[4], 0.0, -2.5]);
+        assert!((got[4] - 1e-3).abs() <= 1e-3 * 2f32.powi(-11));
+        assert!(got[7].is_nan());
     }
 }

@@ -21,7 +21,7 @@ pub mod weights;
 
 pub use config::{Config, Conventions};
 pub use error::{ModelError, Result};
-pub use kv::{KvPool, SeqKv};
+pub use kv::{KvDtype, KvPool, SeqKv};
 pub use layers::{Quantize, WeightStorage};
 pub use model::{load_tokenizer, LoadOptions, Moondream};
 pub use text::{KvCache, SeqInput};

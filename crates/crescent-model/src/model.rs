@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{Config, Conventions};
 use crate::error::{ModelError, Result};
+use crate::kv::KvDtype;
 use crate::layers::{Quantize, WeightStorage};
 use crate::region::Region;
 use crate::text::{KvCache, TextDecoder, TextTrace};
@@ -29,6 +30,10 @@ pub struct LoadOptions {
     pub conventions: Conventions,
     /// Crops per vision-encoder batch (memory knob only).
     pub vision_batch: usize,
+    /// Element type of KV caches made for this model; `None` (auto): f32 with full-precision
+    /// weights (the reference's numerics), f16 with quantized ones (whose own rounding is far
+    /// larger; halves the KV bytes each decode step reads and doubles the cache's capacity).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +43,7 @@ impl Default for LoadOptions {
             quantize: Quantize::None,
             conventions: Conventions::default(),
             vision_batch: 16,
+            kv_dtype: None,
         }
     }
 }
@@ -56,6 +62,7 @@ pub struct Moondream {
     /// Region module.
     pub region: Region,
     vision_batch: usize,
+    kv_dtype: KvDtype,
 }
 
 /// A model folder's files.
@@ -118,6 +125,10 @@ impl Moondream {
             text,
             region,
             vision_batch: opts.vision_batch,
+            kv_dtype: opts.kv_dtype.unwrap_or(match opts.quantize {
+                Quantize::None => KvDtype::F32,
+                _ => KvDtype::F16,
+            }),
         })
     }
 
@@ -248,7 +259,7 @@ impl Moondream {
         let bos = self.text.embed_ids(&[self.config.tokenizer.bos_id])?;
         let x = Tensor::cat(&[&bos, image_embeds], 0)?;
         let n = x.dims()[0];
-        let mut cache = KvCache::new(&self.config.text, n + extra)?;
+        let mut cache = KvCache::with_dtype(&self.config.text, n + extra, self.kv_dtype)?;
         let h = self.text.forward(&x, &mut cache, n, trace)?;
         Ok((cache, h))
     }
@@ -262,6 +273,11 @@ impl Moondream {
     ) -> Result<Tensor> {
         let x = self.embed_tokens(tokens)?;
         self.text.forward(&x, cache, 0, trace)
+    }
+
+    /// Element type of the KV caches made for this model (see [`LoadOptions::kv_dtype`]).
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// Average bytes per weight element of the text decoder (2 for bf16, 4 for f32, ...).

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::kv::{KvPool, SeqKv, DEFAULT_BLOCK_SIZE};
+use crate::kv::{KvDtype, KvPool, KvRun, SeqKv, DEFAULT_BLOCK_SIZE};
 use crate::layers::{
     attention, gelu_erf, gelu_tanh, HeadRows, LayerNorm, Linear, Quantize, Weight, WeightStorage,
 };
@@ -21,10 +21,15 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache with room for `capacity` positions.
+    /// An empty f32 cache with room for `capacity` positions.
     pub fn new(cfg: &TextConfig, capacity: usize) -> Result<Self> {
+        Self::with_dtype(cfg, capacity, KvDtype::F32)
+    }
+
+    /// An empty cache storing `dtype`, with room for `capacity` positions.
+    pub fn with_dtype(cfg: &TextConfig, capacity: usize, dtype: KvDtype) -> Result<Self> {
         let bs = DEFAULT_BLOCK_SIZE;
-        let pool = KvPool::new(cfg, bs, capacity.max(1).div_ceil(bs));
+        let pool = KvPool::new(cfg, bs, capacity.max(1).div_ceil(bs), dtype);
         Ok(Self {
             pool,
             seq: SeqKv::new(),
@@ -351,7 +356,7 @@ impl TextDecoder {
 
     /// Logits `[..., V]` of pre-`post_ln` hidden states `[..., D]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.post_ln.forward(hidden)?)
+        crescent_kernels::on_pool(|| self.lm_head.forward(&self.post_ln.forward(hidden)?))
     }
 
     /// Run input embeddings `x` `[T, D]` at positions `cache.len() .. cache.len() + T`.
@@ -371,6 +376,7 @@ impl TextDecoder {
                 &self.cfg,
                 cache.pool.block_size(),
                 cache.pool.total_blocks() + need,
+                cache.pool.dtype(),
             );
             let mut old = std::mem::replace(&mut cache.pool, grow);
             let mut seq = SeqKv::new();
@@ -393,6 +399,15 @@ impl TextDecoder {
     /// and prefix block; linear layers run over all rows at once, attention per sequence.
     /// Returns each sequence's hidden states `[t_i, D]` (before `post_ln`).
     pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        seqs: &mut [SeqInput<'_>],
+        trace: Option<&mut TextTrace>,
+    ) -> Result<Vec<Tensor>> {
+        crescent_kernels::on_pool(|| self.forward_batch_inner(pool, seqs, trace))
+    }
+
+    fn forward_batch_inner(
         &self,
         pool: &mut KvPool,
         seqs: &mut [SeqInput<'_>],
@@ -582,8 +597,9 @@ fn copy_seq(src: &KvPool, from: &SeqKv, dst: &mut KvPool, to: &SeqKv) {
     for l in 0..src.n_layers() {
         for kv in 0..2 {
             for h in 0..src.heads() {
+                let mut v = vec![0f32; src.head_dim()];
                 for p in 0..from.len() {
-                    let v = src.vector(from, l, kv, h, p).to_vec();
+                    src.read(from, l, kv, h, p, &mut v);
                     dst.write(to, l, kv, h, p, &v);
                 }
             }
@@ -629,8 +645,8 @@ fn attend_all(
             for p in 0..s {
                 for h in 0..nkv {
                     let dst = p * wkv + h * hd..p * wkv + (h + 1) * hd;
-                    k[dst.clone()].copy_from_slice(pool.vector(kvs[si], layer, 0, h, p));
-                    v[dst].copy_from_slice(pool.vector(kvs[si], layer, 1, h, p));
+                    pool.read(kvs[si], layer, 0, h, p, &mut k[dst.clone()]);
+                    pool.read(kvs[si], layer, 1, h, p, &mut v[dst]);
                 }
             }
             let w = nh * hd;
@@ -701,8 +717,11 @@ fn attend_all(
                 let off = (b - b0) * bs;
                 for (hh, sc) in scores.chunks_exact_mut(n).enumerate() {
                     let qv = &q[(ri * nh + hh) * hd..(ri * nh + hh + 1) * hd];
-                    let keys = pool.block_run(kvs[si], layer, 0, hh / group, b, len);
-                    crescent_kernels::dot_rows(qv, keys, scale, &mut sc[off..off + len]);
+                    let out = &mut sc[off..off + len];
+                    match pool.block_run(kvs[si], layer, 0, hh / group, b, len) {
+                        KvRun::F32(keys) => crescent_kernels::dot_rows(qv, keys, scale, out),
+                        KvRun::F16(keys) => crescent_kernels::dot_rows_f16(qv, keys, scale, out),
+                    }
                 }
             }
             let mut mx = vec![0f32; nh];
@@ -719,8 +738,11 @@ fn attend_all(
                     .zip(o.chunks_exact_mut(hd))
                     .enumerate()
                 {
-                    let vals = pool.block_run(kvs[si], layer, 1, hh / group, b, len);
-                    crescent_kernels::axpy_rows(&sc[off..off + len], vals, oh);
+                    let w = &sc[off..off + len];
+                    match pool.block_run(kvs[si], layer, 1, hh / group, b, len) {
+                        KvRun::F32(vals) => crescent_kernels::axpy_rows(w, vals, oh),
+                        KvRun::F16(vals) => crescent_kernels::axpy_rows_f16(w, vals, oh),
+                    }
                 }
             }
             (mx, sum, o)

@@ -107,7 +107,9 @@ fn prefill(model: &Moondream, case: &Value, extra: usize) -> (KvCache, Tensor) {
         None => {
             let mut all = vec![Token::Text(model.config.tokenizer.bos_id)];
             all.extend(prompt);
-            let mut cache = KvCache::new(&model.config.text, all.len() + extra).unwrap();
+            let mut cache =
+                KvCache::with_dtype(&model.config.text, all.len() + extra, model.kv_dtype())
+                    .unwrap();
             let h = model.forward_tokens(&all, &mut cache, None).unwrap();
             (cache, h)
         }
