@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// Decode steps timed per batch size (median).
     #[arg(long, default_value_t = 8)]
     pub decode_steps: usize,
+    /// Rounds of batch-1 decode, each after its own bandwidth probe (the roofline ratio is
+    /// the median of the rounds' ratios).
+    #[arg(long, default_value_t = 3)]
+    pub decode_rounds: usize,
     /// Crops per vision-encoder batch.
     #[arg(long, default_value_t = 4)]
     pub crops: usize,
