@@ -42,7 +42,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{self, PackB, NR};
 use crate::gemv::{deinterleave_x, par_outputs};
-use crate::util::{div_ceil, ensure_len, with_call_scratch, SyncPtr};
+use crate::util::{div_ceil, ensure_len, huge_vec, with_call_scratch, SyncPtr};
 use crate::weights::WeightElem;
 use crate::{check_len, uses_gemv, Isa, Path};
 
@@ -139,7 +139,7 @@ pub fn quantize_q8<W: WeightElem>(
         ("out_features", out_features),
         ("in_features", in_features),
     );
-    let mut q = vec![0i8; w.len()];
+    let mut q = huge_vec(w.len(), 0i8);
     let mut scales = vec![0f32; out_features];
     if in_features == 0 {
         return (q, scales);
@@ -202,9 +202,9 @@ pub fn quantize_q4<W: WeightElem>(
         ("in_features", in_features),
     );
     check_q4_group(group, in_features);
-    let mut q = vec![0x88u8; w.len() / 2];
+    let mut q = huge_vec(w.len() / 2, 0x88u8);
     let gpr = in_features / group;
-    let mut scales = vec![0f32; out_features * gpr];
+    let mut scales = huge_vec(out_features * gpr, 0f32);
     if in_features == 0 {
         return (q, scales);
     }

@@ -88,3 +88,39 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| f())
     }
 }
+
+/// A vector of `n` copies of `fill` whose memory the kernel is asked to back with transparent
+/// huge pages (2 MiB, `MADV_HUGEPAGE`, best effort, Linux only) before it is first touched.
+/// For buffers that decode streams once per token (quantized weights, the KV pool): 4 KiB pages
+/// cost a TLB walk per page and restart the hardware prefetcher at every page boundary.
+pub fn huge_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    advise_huge(v.as_mut_ptr().cast(), n * std::mem::size_of::<T>());
+    v.resize(n, fill);
+    v
+}
+
+/// Asks the kernel to back the not-yet-touched pages of `v` with transparent huge pages, as
+/// [`huge_vec`] does (for a zeroed allocation that should stay lazily backed).
+pub fn advise_huge_pages<T>(v: &mut [T]) {
+    advise_huge(v.as_mut_ptr().cast(), std::mem::size_of_val(v));
+}
+
+/// `madvise(MADV_HUGEPAGE)` on the whole 2 MiB-aligned part of `[p, p + len)`.
+fn advise_huge(p: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (p as usize).div_ceil(HUGE) * HUGE;
+        let end = (p as usize + len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes only
+            // how the kernel backs it, never its contents. Failure is harmless (ignored).
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, len);
+}

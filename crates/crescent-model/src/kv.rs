@@ -89,9 +89,19 @@ impl KvPool {
             heads,
             head_dim,
             block_len,
+            // Zeroed (lazily backed) allocations, backed by huge pages as they are touched:
+            // decode streams the cache every step.
             data: match dtype {
-                KvDtype::F32 => KvData::F32(vec![0f32; block_len * n_blocks]),
-                KvDtype::F16 => KvData::F16(vec![0u16; block_len * n_blocks]),
+                KvDtype::F32 => {
+                    let mut d = vec![0f32; block_len * n_blocks];
+                    crescent_kernels::advise_huge_pages(&mut d);
+                    KvData::F32(d)
+                }
+                KvDtype::F16 => {
+                    let mut d = vec![0u16; block_len * n_blocks];
+                    crescent_kernels::advise_huge_pages(&mut d);
+                    KvData::F16(d)
+                }
             },
             refcnt: vec![0; n_blocks],
             free: (0..n_blocks as u32).rev().collect(),
