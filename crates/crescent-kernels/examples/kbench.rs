@@ -97,7 +97,7 @@ fn subject<'a>(
     let elem_bytes = match dtype {
         "f32" => 4.0,
         "q8" => 1.0 + 4.0 / k as f64,
-        "q4" => 0.5 + 4.0 / 32.0,
+        "q4" => 0.5 + 2.0 / 32.0,
         _ => 2.0,
     };
     let bytes = (n as f64 * k as f64 * elem_bytes) as usize;
@@ -175,7 +175,7 @@ struct Store {
     f16: Vec<Vec<f16>>,
     bf16: Vec<Vec<bf16>>,
     q8: Vec<(Vec<i8>, Vec<f32>)>,
-    q4: Vec<(Vec<u8>, Vec<f32>)>,
+    q4: Vec<(Vec<u8>, Vec<f16>)>,
 }
 
 struct Opts {

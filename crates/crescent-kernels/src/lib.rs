@@ -14,7 +14,7 @@
 //! * Quantized weights: [`quantize_q8`] / [`matmul_q8`] (symmetric int8, one
 //!   f32 scale per output channel) and [`quantize_q4`] / [`matmul_q4`]
 //!   (symmetric int4 in groups of [`Q4_GROUP`] = 32 input columns, two
-//!   nibbles per byte); `*_forced` variants, row dequantizers. Layouts,
+//!   nibbles per byte, one f16 scale per group); `*_forced` variants, row dequantizers. Layouts,
 //!   rounding and error bounds: [`quantize_q8`], [`quantize_q4`].
 //! * [`matmul_f32_strided`] with [`Rhs`] — f32 GEMM on strided views
 //!   (attention: `q·kᵀ` and `p·v` read heads in place from the qkv buffer).
@@ -89,7 +89,7 @@
 //! Quantized (`--dtype q8|q4 --quick`, same machine, another day: probe
 //! 49 GB/s; bf16 rows=1 then ≈ 50 GB/s = 25 G weights/s). GB/s counts the
 //! quantized bytes read, scales included (int8 ≈ 1, int4 0.625 bytes per
-//! weight):
+//! weight with the f32 group scales of that day; 0.5625 with today's f16 ones):
 //!
 //! | weight (in→out) | q8 rows=1 GB/s · GFLOP/s | q8 rows=16 / 729 GFLOP/s | q4 rows=1 GB/s · GFLOP/s | q4 rows=16 / 729 GFLOP/s |
 //! |---|---|---|---|---|

@@ -7,14 +7,16 @@
 //!   `scale = max_i |w[o, i]| / 127`, `q = round(w / scale)` ∈ −127..=127.
 //! * **int4** ([`quantize_q4`], [`matmul_q4`]): every row is split into
 //!   groups of `group` consecutive columns (`group` even, `in % group == 0`,
-//!   default [`Q4_GROUP`] = 32). `scales` is `[out, in / group]` f32
+//!   default [`Q4_GROUP`] = 32). `scales` is `[out, in / group]` f16
 //!   row-major; a value `v` ∈ −8..=7 is stored as the nibble `v + 8`, two per
 //!   byte, the **low nibble holding the even column**: `q` is
 //!   `[out, in / 2]` bytes and `w[o, i] ≈ scales[o, i / group] · v[o, i]`
 //!   with `v[o, 2j] = (q[o, j] & 15) − 8`, `v[o, 2j+1] = (q[o, j] >> 4) − 8`.
 //!   The quantizer uses all 16 levels (as llama.cpp's Q4_0): with `m` the
 //!   group's element of largest magnitude (sign kept), `scale = m / −8`, so
-//!   `m` itself maps to −8 exactly, and `q = clamp(round(w / scale), −8, 7)`.
+//!   `m` maps to −8, and `q = clamp(round(w / scale), −8, 7)` with `scale` the
+//!   f16-rounded value that is stored (relative rounding ≤ 2⁻¹¹; f16 scales are
+//!   half the bytes of f32 ones: 0.5625 instead of 0.625 bytes per weight).
 //!   Scales may therefore be negative.
 //!
 //! ## Rounding and error bounds
@@ -38,6 +40,7 @@
 //! the f32 micro-kernel. The AVX2 int4 GEMV needs `group % 32 == 0`; other
 //! groups use the portable kernels.
 
+use half::f16;
 use rayon::prelude::*;
 
 use crate::gemm::{self, PackB, NR};
@@ -89,9 +92,22 @@ fn quantize_row_q8(w: &[f32], q: &mut [i8]) -> f32 {
     scale
 }
 
+/// `s` as the f16 nearest to it that is not smaller in magnitude, so that every |w| ≤ 8·|s|
+/// still satisfies |w / scale| ≤ 8 (relative rounding ≤ 2⁻¹⁰ in f16's normal range); ±∞ when
+/// |s| > 65504 (callers reject non-finite scales).
+fn f16_scale(s: f32) -> f16 {
+    let h = f16::from_f32(s);
+    if !h.is_finite() || h.to_f32().abs() >= s.abs() {
+        h
+    } else {
+        // Sign-magnitude: the next representable value away from zero.
+        f16::from_bits(h.to_bits() + 1)
+    }
+}
+
 /// Quantizes one row (already converted to f32) to int4 groups (`w.len() == 2 * q.len()`,
 /// `scales` one per group).
-fn quantize_row_q4(w: &[f32], group: usize, q: &mut [u8], scales: &mut [f32]) {
+fn quantize_row_q4(w: &[f32], group: usize, q: &mut [u8], scales: &mut [f16]) {
     for ((wg, qg), s) in w
         .chunks_exact(group)
         .zip(q.chunks_exact_mut(group / 2))
@@ -100,7 +116,7 @@ fn quantize_row_q4(w: &[f32], group: usize, q: &mut [u8], scales: &mut [f32]) {
         let bits = amax_bits(wg);
         if bits >= 0x7f80_0000 || bits == 0 {
             qg.fill(0x88);
-            *s = if bits == 0 { 0.0 } else { f32::NAN };
+            *s = if bits == 0 { f16::ZERO } else { f16::NAN };
             continue;
         }
         // The (first) element of largest magnitude, sign kept, maps to -8.
@@ -109,8 +125,9 @@ fn quantize_row_q4(w: &[f32], group: usize, q: &mut [u8], scales: &mut [f32]) {
             .copied()
             .find(|v| v.to_bits() & 0x7fff_ffff == bits)
             .unwrap_or(f32::from_bits(bits));
-        let scale = m / -8.0;
-        *s = scale;
+        let h = f16_scale(m / -8.0);
+        *s = h;
+        let scale = h.to_f32();
         for (b, pair) in qg.iter_mut().zip(wg.chunks_exact(2)) {
             let lo = rne_i32(pair[0] / scale).clamp(-8, 7) + 8;
             let hi = rne_i32(pair[1] / scale).clamp(-8, 7) + 8;
@@ -174,17 +191,19 @@ fn check_q4_group(group: usize, in_features: usize) {
 /// `group` consecutive columns (`group` even, `in % group == 0`; default [`Q4_GROUP`]):
 /// returns `(q, scales)`.
 ///
-/// Layout: `scales` is `[out, in / group]` f32 row-major; a value `v` ∈ −8..=7 is stored as
+/// Layout: `scales` is `[out, in / group]` f16 row-major; a value `v` ∈ −8..=7 is stored as
 /// the nibble `v + 8`, two per byte, the **low nibble holding the even column**, so `q` is
 /// `[out, in / 2]` bytes and `w[o, i] ≈ scales[o, i / group] · v[o, i]` with
 /// `v[o, 2j] = (q[o, j] & 15) − 8`, `v[o, 2j + 1] = (q[o, j] >> 4) − 8`.
 ///
 /// All 16 levels are used (as llama.cpp's Q4_0): with `m` the group's first element of
-/// largest magnitude (sign kept), `scale = m / −8` (so scales may be negative) and
-/// `v = clamp(round(w / scale), −8, 7)` (round half to even). Hence `|w − scale·v| ≤
-/// |scale| / 2`, except for elements clamped at +7 (within `|scale| / 2` of `−m`), where it is
-/// at most `|scale|` = the group's max |w| / 8. An all-zero group gets scale 0; a group
-/// holding NaN or ±∞ gets a NaN scale. Rows are quantized in parallel.
+/// largest magnitude (sign kept), `scale` is `m / −8` rounded to f16 away from zero (so
+/// `|scale| ≥ max|w| / 8`, within 2⁻¹⁰ relative in f16's normal range; scales may be
+/// negative) and `v = clamp(round(w / scale), −8, 7)` (round half to even). Hence
+/// `|w − scale·v| ≤ |scale| / 2`, except for elements clamped at +7 (within `|scale| / 2` of
+/// `−m`), where it is at most `|scale|`. An all-zero group gets scale 0; a group holding NaN
+/// or ±∞ gets a NaN scale, one whose scale exceeds f16's range (max |w| > 524 032) an infinite
+/// one. Rows are quantized in parallel.
 ///
 /// # Panics
 /// If `w.len() != out_features · in_features`, `group` is odd or 0, or `in_features` is not a
@@ -194,7 +213,7 @@ pub fn quantize_q4<W: WeightElem>(
     out_features: usize,
     in_features: usize,
     group: usize,
-) -> (Vec<u8>, Vec<f32>) {
+) -> (Vec<u8>, Vec<f16>) {
     check_len(
         "w",
         w.len(),
@@ -204,7 +223,7 @@ pub fn quantize_q4<W: WeightElem>(
     check_q4_group(group, in_features);
     let mut q = huge_vec(w.len() / 2, 0x88u8);
     let gpr = in_features / group;
-    let mut scales = huge_vec(out_features * gpr, 0f32);
+    let mut scales = huge_vec(out_features * gpr, f16::ZERO);
     if in_features == 0 {
         return (q, scales);
     }
@@ -238,7 +257,7 @@ pub fn dequantize_q8_row(q: &[i8], scale: f32, out: &mut [f32]) {
 ///
 /// # Panics
 /// On inconsistent lengths or an invalid group (see [`quantize_q4`]).
-pub fn dequantize_q4_row(q: &[u8], scales: &[f32], group: usize, out: &mut [f32]) {
+pub fn dequantize_q4_row(q: &[u8], scales: &[f16], group: usize, out: &mut [f32]) {
     check_q4_group(group, out.len());
     assert!(
         q.len() * 2 == out.len() && scales.len() * group == out.len(),
@@ -251,7 +270,7 @@ pub fn dequantize_q4_row(q: &[u8], scales: &[f32], group: usize, out: &mut [f32]
 }
 
 /// Columns `c0..c1` of one int4 row into `out[..c1 - c0]` (`group` even).
-fn dequant_q4_cols(q: &[u8], sc: &[f32], group: usize, c0: usize, c1: usize, out: &mut [f32]) {
+fn dequant_q4_cols(q: &[u8], sc: &[f16], group: usize, c0: usize, c1: usize, out: &mut [f32]) {
     let nib = |c: usize| -> f32 {
         let b = q[c / 2];
         let u = if c.is_multiple_of(2) { b & 15 } else { b >> 4 };
@@ -261,7 +280,7 @@ fn dequant_q4_cols(q: &[u8], sc: &[f32], group: usize, c0: usize, c1: usize, out
     while c < c1 {
         let g = c / group;
         let end = ((g + 1) * group).min(c1);
-        let s = sc[g];
+        let s = sc[g].to_f32();
         if c % 2 == 1 {
             out[c - c0] = nib(c) * s;
             c += 1;
@@ -292,7 +311,7 @@ pub(crate) struct Q8Ref<'a> {
 #[derive(Clone, Copy)]
 pub(crate) struct Q4Ref<'a> {
     pub(crate) q: &'a [u8],
-    pub(crate) scales: &'a [f32],
+    pub(crate) scales: &'a [f16],
     pub(crate) group: usize,
 }
 
@@ -532,7 +551,7 @@ pub fn matmul_q4(
     x: &[f32],
     rows: usize,
     q: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     group: usize,
     out_features: usize,
     in_features: usize,
@@ -584,7 +603,7 @@ pub fn matmul_q4_forced(
     x: &[f32],
     rows: usize,
     q: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     group: usize,
     out_features: usize,
     in_features: usize,

@@ -310,7 +310,7 @@ fn check_q4_inner(
             let (o, c) = (i / k, i % k);
             let b = q[o * k / 2 + c / 2];
             let v = if c % 2 == 0 { b & 15 } else { b >> 4 } as i32 - 8;
-            v as f64 * s[o * gpr + c / group] as f64
+            v as f64 * f64::from(s[o * gpr + c / group])
         })
         .collect();
     let (reference, scale) = reference_f64(&x, rows, &wd, n, k, bias.as_deref());
@@ -505,7 +505,7 @@ fn q4_round_trip_bounds_and_layout() {
         1.0f32, -4.0, 0.25, 3.9, 1.0, -2.0, 0.75, 4.0, 0.0, 0.0, 0.0, 0.0,
     ];
     let (q, s) = quantize_q4(&w, 1, 12, 4);
-    assert_eq!(s, vec![0.5, -0.5, 0.0]);
+    assert_eq!(s, [0.5, -0.5, 0.0].map(f16::from_f32).to_vec());
     let nib = |lo: i32, hi: i32| ((lo + 8) | ((hi + 8) << 4)) as u8;
     assert_eq!(
         q,
@@ -534,19 +534,26 @@ fn q4_round_trip_bounds_and_layout() {
             &mut row,
         );
         for i in 0..k {
-            let sc = s[o * gpr + i / g].abs();
+            let sc = s[o * gpr + i / g].to_f32().abs();
             let amax = w[o * k + (i / g) * g..o * k + (i / g + 1) * g]
                 .iter()
                 .fold(0.0f32, |m, v| m.max(v.abs()));
-            assert_eq!(sc, amax / 8.0);
+            // The f16 scale: not below max|w| / 8, within one f16 step above it.
+            let exact = amax / 8.0;
+            if amax > 0.0 {
+                assert!(
+                    sc >= exact && sc <= exact * (1.0 + 2f32.powi(-10)),
+                    "{sc} vs {exact}"
+                );
+            }
             let err = (w[o * k + i] - row[i]).abs();
             // ≤ scale/2 unless clamped at +7 (then ≤ scale).
-            let v = w[o * k + i] / s[o * gpr + i / g];
+            let v = w[o * k + i] / s[o * gpr + i / g].to_f32();
             let bound = if v > 7.5 { sc } else { sc * 0.5 } * (1.0 + 1e-5);
             assert!(err <= bound, "row {o} col {i}: err {err:e} > {bound:e}");
         }
     }
-    assert_eq!(s[0], 0.0);
+    assert_eq!(s[0], f16::ZERO);
     assert!(q[..g / 2].iter().all(|b| *b == 0x88));
 }
 
@@ -557,6 +564,29 @@ fn quantize_non_finite_gives_nan_scale() {
     assert!(s8[0].is_nan() && s8[1].is_nan());
     let (_, s4) = quantize_q4(&w, 1, 8, 2);
     assert!(s4[0].is_nan() && s4[1].is_finite() && s4[2].is_nan() && s4[3].is_finite());
+    // f16 scales: beyond f16's range → infinite (callers reject it); far below its normal
+    // range → a subnormal scale that still covers the group (never 0), within the usual bound.
+    let w = [1e6f32, 2.0, 3e-9, -1e-9, 4e-6, 1e-6];
+    let (q, s4) = quantize_q4(&w, 1, 6, 2);
+    assert!(s4[0].is_infinite());
+    let mut d = [0f32; 6];
+    dequantize_q4_row(&q, &s4, 2, &mut d);
+    for g in 1..3 {
+        let sc = s4[g].to_f32().abs();
+        let amax = w[2 * g].abs().max(w[2 * g + 1].abs());
+        assert!(
+            sc >= amax / 8.0 && sc > 0.0,
+            "group {g}: scale {sc} for max {amax}"
+        );
+        for i in 2 * g..2 * g + 2 {
+            assert!(
+                (w[i] - d[i]).abs() <= sc * 0.5 * (1.0 + 1e-5),
+                "{i}: {} vs {}",
+                w[i],
+                d[i]
+            );
+        }
+    }
 }
 
 #[test]

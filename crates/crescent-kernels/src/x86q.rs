@@ -6,6 +6,8 @@
 
 use core::arch::x86_64::*;
 
+use half::f16;
+
 use crate::util::{ensure_len, with_scratch, SyncPtr};
 
 /// From this many rows of x, the int4 GEMV dequantizes blocks of 4 weight rows to f32 once
@@ -15,6 +17,16 @@ const Q4_DEQUANT_MIN_ROWS: usize = 4;
 
 /// Software-prefetch distance in bytes of the single-row kernels (as the bf16 one).
 const SEQ_PF_BYTES: usize = 8192;
+
+/// The f16 at `p` as f32 (F16C `vcvtph2ps`; exact).
+///
+/// # Safety
+/// `p` readable; CPU features per the module doc.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn h2f(p: *const f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from((*p).to_bits()))))
+}
 
 /// Horizontal sum of the 8 lanes.
 ///
@@ -243,7 +255,7 @@ pub(crate) unsafe fn gemv_q8_range(
 ///
 /// # Safety
 /// `group % 32 == 0`, `k % group == 0`; `x` has `k` floats; `w` points to `nrows * k / 2`
-/// readable bytes and `scales` to `nrows * k / group` floats; `y` (and `bias` if not null)
+/// readable bytes and `scales` to `nrows * k / group` halves; `y` (and `bias` if not null)
 /// have `nrows` floats, `y` written by nobody else; CPU features.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments, unused_assignments)]
@@ -251,7 +263,7 @@ unsafe fn gemv_q4_seq1(
     x: *const f32,
     k: usize,
     w: *const u8,
-    scales: *const f32,
+    scales: *const f16,
     group: usize,
     nrows: usize,
     bias: *const f32,
@@ -266,7 +278,7 @@ unsafe fn gemv_q4_seq1(
         let wr = w.add(o * row_bytes);
         let mut sp = scales.add(o * gpr);
         let mut left = upg;
-        let mut s = _mm256_broadcast_ss(&*sp);
+        let mut s = _mm256_set1_ps(h2f(sp));
         let mut m = _mm256_mul_ps(s, neg8);
         let mut acc = [_mm256_setzero_ps(); 8];
         // One unit into accumulators `a..a+4`, then step the group.
@@ -285,7 +297,7 @@ unsafe fn gemv_q4_seq1(
                     left = upg;
                     sp = sp.add(1);
                     if $u + 1 < units {
-                        s = _mm256_broadcast_ss(&*sp);
+                        s = _mm256_set1_ps(h2f(sp));
                         m = _mm256_mul_ps(s, neg8);
                     }
                 }
@@ -322,22 +334,31 @@ unsafe fn gemv_q4_seq1(
 ///
 /// # Safety
 /// `group % 32 == 0`, `k % group == 0`; `x` has `R * k` floats, `w` `NW * k / 2` readable
-/// bytes, `scales` `NW * k / group` floats; `pf` may be anything; CPU features.
+/// bytes, `scales` `NW * k / group` halves; `sbuf` at least as many floats (scratch); `pf`
+/// may be anything; CPU features.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // const-size loops, fully unrolled
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemv_q4_block<const R: usize, const NW: usize>(
     x: *const f32,
     k: usize,
     w: *const u8,
-    scales: *const f32,
+    scales: *const f16,
     group: usize,
     pf: *const u8,
+    sbuf: &mut [f32],
     out: &mut [[f32; NW]; R],
 ) {
     let row_bytes = k / 2;
     let gpr = k / group;
     let neg8 = _mm256_set1_ps(-8.0);
+    // The NW rows' scales as f32, converted once per call (this kernel is compute-bound: an
+    // f16 conversion per group inside the loop cost 8 % at batch 2).
+    for (i, v) in sbuf[..NW * gpr].iter_mut().enumerate() {
+        *v = h2f(scales.add(i));
+    }
+    let sf = sbuf.as_ptr();
     let mut acc = [[_mm256_setzero_ps(); NW]; R];
     let mut kk = 0;
     let mut g = 0;
@@ -353,7 +374,7 @@ unsafe fn gemv_q4_block<const R: usize, const NW: usize>(
                 }
             }
             for j in 0..NW {
-                let s = _mm256_broadcast_ss(&*scales.add(j * gpr + g));
+                let s = _mm256_broadcast_ss(&*sf.add(j * gpr + g));
                 let m = _mm256_mul_ps(s, neg8);
                 let (lo, hi) = load16_q4(w.add(j * row_bytes + kk / 2), s, m);
                 for r in 0..R {
@@ -389,7 +410,7 @@ pub(crate) unsafe fn gemv_q4_range(
     x: &[f32],
     rows: usize,
     q: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     group: usize,
     k: usize,
     n: usize,
@@ -417,6 +438,7 @@ pub(crate) unsafe fn gemv_q4_range(
         return;
     }
     if rows < Q4_DEQUANT_MIN_ROWS {
+        let mut sbuf = vec![0f32; 4 * gpr];
         macro_rules! block {
             ($r:expr, $o:expr, $R:literal, $NW:literal) => {{
                 let mut res = [[0.0f32; $NW]; $R];
@@ -432,6 +454,7 @@ pub(crate) unsafe fn gemv_q4_range(
                     scales.as_ptr().add($o * gpr),
                     group,
                     pf,
+                    &mut sbuf,
                     &mut res,
                 );
                 for (i, row) in res.iter().enumerate() {
@@ -466,6 +489,7 @@ pub(crate) unsafe fn gemv_q4_range(
     // instead of once per pair of rows).
     with_scratch(|sc| {
         let buf = ensure_len(&mut sc.t, 4 * k);
+        let mut sbuf = vec![0f32; 4 * gpr];
         let mut o = o0;
         while o < o1 {
             let nw = (o1 - o).min(4);
@@ -478,6 +502,7 @@ pub(crate) unsafe fn gemv_q4_range(
                 k,
                 nw,
                 pf,
+                &mut sbuf,
                 buf.as_mut_ptr(),
             );
             if avx512 {
@@ -549,28 +574,42 @@ pub(crate) unsafe fn gemv_q4_range(
 ///
 /// # Safety
 /// `group % 32 == 0`, `k % group == 0`; `w` points to `nw * k / 2` readable bytes, `scales`
-/// to `nw * k / group` floats, `dst` to `nw * k` writable floats; `pf` may be anything; CPU
+/// to `nw * k / group` halves, `dst` to `nw * k` writable floats; `pf` may be anything; CPU
 /// features per the module doc.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn dequant_q4_rows(
     w: *const u8,
-    scales: *const f32,
+    scales: *const f16,
     group: usize,
     k: usize,
     nw: usize,
     pf: *const u8,
+    sbuf: &mut [f32],
     dst: *mut f32,
 ) {
     let row_bytes = k / 2;
     let gpr = k / group;
     let neg8 = _mm256_set1_ps(-8.0);
+    // f16 → f32 for all the rows' scales first, 8 at a time (per group in the loop it cost
+    // ~10 % of batch-4 decode: this loop is compute-bound).
+    let ns = nw * gpr;
+    let mut i = 0;
+    while i + 8 <= ns {
+        let h = _mm_loadu_si128(scales.add(i).cast::<__m128i>());
+        _mm256_storeu_ps(sbuf.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for (t, v) in sbuf.iter_mut().enumerate().take(ns).skip(i) {
+        *v = h2f(scales.add(t));
+    }
     for j in 0..nw {
         let wr = w.add(j * row_bytes);
         let pr = pf.wrapping_add(j * row_bytes);
         let d = dst.add(j * k);
         let mut kk = 0;
         for g in 0..gpr {
-            let s = _mm256_broadcast_ss(&*scales.add(j * gpr + g));
+            let s = _mm256_broadcast_ss(&sbuf[j * gpr + g]);
             let m = _mm256_mul_ps(s, neg8);
             let end = kk + group;
             while kk < end {
@@ -611,7 +650,7 @@ pub(crate) fn prepare_q4_x512(x: &[f32], group: usize, d: &mut [f32], xs: &mut [
 /// # Safety
 /// CPU supports AVX-512F (and the module's features); `group % 32 == 0`, `k % group == 0`;
 /// `x` has `k` floats, `xs` `k / group`; `w` points to `nrows * k / 2` readable bytes and
-/// `scales` to `nrows * k / group` floats; `y` (and `bias` if not null) have `nrows` floats,
+/// `scales` to `nrows * k / group` halves; `y` (and `bias` if not null) have `nrows` floats,
 /// `y` written by nobody else.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -620,7 +659,7 @@ pub(crate) unsafe fn gemv_q4_seq1_avx512(
     xs: *const f32,
     k: usize,
     w: *const u8,
-    scales: *const f32,
+    scales: *const f16,
     group: usize,
     nrows: usize,
     bias: *const f32,
@@ -661,14 +700,14 @@ pub(crate) unsafe fn gemv_q4_seq1_avx512(
         let mut g = 0;
         while g + 4 <= gpr {
             for (j, t) in tot.iter_mut().enumerate() {
-                let s = *sr.add(g + j);
+                let s = h2f(sr.add(g + j));
                 *t = _mm512_fmadd_ps(group_dot!(wr, g + j), _mm512_set1_ps(s), *t);
                 corr += s * *xs.add(g + j);
             }
             g += 4;
         }
         while g < gpr {
-            let s = *sr.add(g);
+            let s = h2f(sr.add(g));
             tot[0] = _mm512_fmadd_ps(group_dot!(wr, g), _mm512_set1_ps(s), tot[0]);
             corr += s * *xs.add(g);
             g += 1;
@@ -835,7 +874,7 @@ unsafe fn prepare_q4_x_vnni_512(x: &[f32], xq: &mut [i8], sx: &mut [f32], c: &mu
 /// # Safety
 /// AVX-512F/BW/VNNI and the module's features; `group == 32`, `k % 64 == 0`; `xq` has
 /// [`q4_vnni_xq_len`]`(k)` bytes and `sx`, `c` `k / 32` floats from [`prepare_q4_x_vnni`]; `w`
-/// points to `nrows * k / 2` readable bytes, `scales` to `nrows * k / 32` floats; `y` (and
+/// points to `nrows * k / 2` readable bytes, `scales` to `nrows * k / 32` halves; `y` (and
 /// `bias` if not null) have `nrows` floats, `y` written by nobody else.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -845,7 +884,7 @@ pub(crate) unsafe fn gemv_q4_seq1_vnni(
     c: *const f32,
     k: usize,
     w: *const u8,
-    scales: *const f32,
+    scales: *const f16,
     nrows: usize,
     bias: *const f32,
     y: *mut f32,
@@ -901,7 +940,7 @@ pub(crate) unsafe fn gemv_q4_seq1_vnni(
     macro_rules! chunk {
         ($wr:expr, $sr:expr, $ch:expr, $acc:expr, $cv:expr) => {{
             let g0 = 16 * $ch;
-            let ws = _mm512_loadu_ps($sr.add(g0));
+            let ws = _mm512_cvtph_ps(_mm256_loadu_si256($sr.add(g0).cast::<__m256i>()));
             let s = _mm512_mul_ps(ws, _mm512_loadu_ps(sx.add(g0)));
             $cv = _mm512_fmadd_ps(ws, _mm512_loadu_ps(c.add(g0)), $cv);
             let b0 = 4 * $ch;
@@ -919,7 +958,10 @@ pub(crate) unsafe fn gemv_q4_seq1_vnni(
                 // A last partial chunk (2..14 groups).
                 let ng = gpr - g0;
                 let m: __mmask16 = (1u16 << ng) - 1;
-                let ws = _mm512_maskz_loadu_ps(m, $sr.add(g0));
+                let ws = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(
+                    u32::from(m),
+                    $sr.add(g0).cast::<i16>(),
+                )));
                 let s = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, sx.add(g0)));
                 $cv = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(m, c.add(g0)), $cv);
                 for j in 0..ng.div_ceil(4) {

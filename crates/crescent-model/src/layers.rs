@@ -37,8 +37,8 @@ pub enum Quantize {
     None,
     /// Symmetric int8, one f32 scale per output channel (≈ 1 byte per weight).
     Int8,
-    /// Symmetric int4 in groups of `group` input columns with one f32 scale each (≈ 0.5 +
-    /// 4/group bytes per weight). A matrix whose width is not a multiple of `group` (never the
+    /// Symmetric int4 in groups of `group` input columns with one f16 scale each (0.5 +
+    /// 2/group bytes per weight). A matrix whose width is not a multiple of `group` (never the
     /// case for Moondream 3 with groups of 32) falls back to int8.
     Int4 {
         /// Columns per scale (even; [`crescent_kernels::Q4_GROUP`] = 32 by default).
@@ -98,8 +98,8 @@ pub enum WeightData {
     Q4 {
         /// Packed nibbles, row-major.
         q: Vec<u8>,
-        /// One scale per group of `group` columns, row-major.
-        scales: Vec<f32>,
+        /// One f16 scale per group of `group` columns, row-major.
+        scales: Vec<f16>,
         /// Columns per scale.
         group: usize,
     },
@@ -141,9 +141,8 @@ fn quantize_data<W: crescent_kernels::WeightElem>(
         }
     };
     let finite = match &data {
-        WeightData::Q8 { scales, .. } | WeightData::Q4 { scales, .. } => {
-            scales.iter().all(|s| s.is_finite())
-        }
+        WeightData::Q8 { scales, .. } => scales.iter().all(|s| s.is_finite()),
+        WeightData::Q4 { scales, .. } => scales.iter().all(|s| s.is_finite()),
         _ => true,
     };
     if !finite {
@@ -307,7 +306,7 @@ impl Weight {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Mapped(m, _) => m.bytes().len(),
             WeightData::Q8 { q, scales } => q.len() + scales.len() * 4,
-            WeightData::Q4 { q, scales, .. } => q.len() + scales.len() * 4,
+            WeightData::Q4 { q, scales, .. } => q.len() + scales.len() * 2,
         }
     }
 
