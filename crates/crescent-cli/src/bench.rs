@@ -180,7 +180,13 @@ pub fn run(a: &BenchArgs) -> Result<(), Failure> {
         for _ in 0..b {
             seqs.push(base.fork(&mut pool).map_err(rt)?);
         }
-        let mut tok = vec![Token::Text(tk.answer_id); b];
+        // Distinct first tokens, so the rows of a batch take different paths through the MoE
+        // layers as real requests do (identical rows would share their 8 experts and make
+        // batched decode look cheaper than it is).
+        let vocab = cfg.text.vocab_size.max(1);
+        let mut tok: Vec<Token> = (0..b)
+            .map(|i| Token::Text(((tk.answer_id as usize + 7919 * i) % vocab) as u32))
+            .collect();
         // Batch 1 is timed in rounds, each right after its own bandwidth probe, and its
         // roofline ratio is the median of the rounds' ratios: on a shared host the bandwidth
         // shifts between levels within seconds, so a probe taken before vision and prefill
