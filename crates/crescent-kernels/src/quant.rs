@@ -573,14 +573,15 @@ pub fn matmul_q4(
     );
 }
 
-/// Whether [`matmul_q4_forced`] takes the int8-activation VNNI kernel: AVX-512 level with BW and
-/// VNNI on this CPU, one row of x (decode), groups of 32 and `in_features % 64 == 0`. Its error
-/// is that of int8 activations (see `x86q::gemv_q4_seq1_vnni`), not f32 rounding.
+/// Whether the GEMV path of [`matmul_q4_forced`] takes the int8-activation VNNI kernel:
+/// AVX-512 level with BW and VNNI on this CPU, groups of 32 and `in_features % 64 == 0` (any
+/// number of rows: the GEMV path serves decode batches). Its error is that of int8
+/// activations (see `x86q::gemv_q4_vnni`), not f32 rounding.
 pub(crate) fn q4_uses_vnni(isa: Isa, rows: usize, group: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         isa == Isa::Avx512
-            && rows == 1
+            && rows >= 1
             && group == 32
             && k.is_multiple_of(64)
             && crate::x86q::has_vnni()
@@ -638,25 +639,36 @@ pub fn matmul_q4_forced(
     if q4_uses_vnni(isa, rows, group, k) {
         // Decode: integer dot products against x quantized to int8 per group (see the kernel).
         let gpr = k / 32;
-        let mut xq = vec![0i8; crate::x86q::q4_vnni_xq_len(k)];
-        let mut sx = vec![0f32; gpr];
-        let mut c = vec![0f32; gpr];
-        crate::x86q::prepare_q4_x_vnni(x, &mut xq, &mut sx, &mut c);
+        let xl = crate::x86q::q4_vnni_xq_len(k);
+        let mut xq = vec![0i8; rows * xl];
+        let mut sx = vec![0f32; rows * gpr];
+        let mut c = vec![0f32; rows * gpr];
+        for r in 0..rows {
+            crate::x86q::prepare_q4_x_vnni(
+                &x[r * k..(r + 1) * k],
+                &mut xq[r * xl..(r + 1) * xl],
+                &mut sx[r * gpr..(r + 1) * gpr],
+                &mut c[r * gpr..(r + 1) * gpr],
+            );
+        }
         let run = |o0: usize, o1: usize| {
             // SAFETY: `q4_uses_vnni` checked AVX-512F (via `Isa::Avx512`), BW and VNNI,
-            // `group == 32` and `k % 64 == 0`; lengths validated above (q: n·k/2, scales: n·k/32);
-            // `xq`, `sx`, `c` were prepared for this kernel; tasks get disjoint `o0..o1`.
+            // `group == 32` and `k % 64 == 0`; lengths validated above (x: rows·k, q: n·k/2,
+            // scales: n·k/32, y: rows·n); `xq`, `sx`, `c` were prepared row by row for this
+            // kernel; tasks get disjoint `o0..o1` (columns of every row of y).
             unsafe {
-                crate::x86q::gemv_q4_seq1_vnni(
+                crate::x86q::gemv_q4_vnni(
                     xq.as_ptr(),
                     sx.as_ptr(),
                     c.as_ptr(),
+                    rows,
                     k,
                     q.as_ptr().add(o0 * k / 2),
                     scales.as_ptr().add(o0 * gpr),
                     o1 - o0,
                     bias.map_or(core::ptr::null(), |b| b.as_ptr().add(o0)),
                     yp.get().add(o0),
+                    n,
                 )
             };
         };

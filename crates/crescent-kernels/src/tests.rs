@@ -338,16 +338,19 @@ fn check_q4_inner(
                     .chunks(group)
                     .map(|g| g.iter().fold(0f64, |m, v| m.max(v.abs() as f64)))
                     .collect();
-                for o in 0..n {
-                    let bound: f64 = (0..k)
-                        .map(|i| wd[o * k + i].abs() * amax[i / group] / 254.0)
-                        .sum::<f64>()
-                        + 1e-5 * scale[o];
-                    let err = (y[o] as f64 - reference[o]).abs();
-                    assert!(
-                        err <= bound,
-                        "{what} (vnni): y[{o}] err {err:e} > {bound:e}"
-                    );
+                let gpr = k / group;
+                for r in 0..rows {
+                    for o in 0..n {
+                        let bound: f64 = (0..k)
+                            .map(|i| wd[o * k + i].abs() * amax[r * gpr + i / group] / 254.0)
+                            .sum::<f64>()
+                            + 1e-5 * scale[r * n + o];
+                        let err = (y[r * n + o] as f64 - reference[r * n + o]).abs();
+                        assert!(
+                            err <= bound,
+                            "{what} (vnni): y[{r}, {o}] err {err:e} > {bound:e}"
+                        );
+                    }
                 }
                 vnni_checked.set(vnni_checked.get() + 1);
                 continue;
@@ -441,6 +444,54 @@ fn q4_vnni_decode_shapes() {
         assert_eq!(ran, 10, "the VNNI kernel did not run");
     } else {
         assert_eq!(ran, 0);
+    }
+}
+
+/// The VNNI int4 kernel over several rows of x (batched decode: passes of up to 4 rows, a
+/// weight row reused from cache between passes), within its bound; a NaN in one row of x
+/// stays in that row's outputs.
+#[test]
+fn q4_vnni_batched_decode() {
+    let before = VNNI_CHECKED.with(|c| c.get());
+    let mut seed = 950;
+    for rows in [2, 3, 4, 5, 9, 16] {
+        for (n, k) in [(40, 2048), (17, 1024), (9, 8192), (12, 192)] {
+            seed += 1;
+            check_q4(rows, n, k, 32, seed % 2 == 0, seed);
+        }
+    }
+    let ran = VNNI_CHECKED.with(|c| c.get()) - before;
+    if crate::quant::q4_uses_vnni(Isa::Avx512, 2, 32, 64) {
+        assert!(ran >= 24, "the VNNI kernel ran {ran} times");
+    }
+    let (rows, n, k) = (5, 11, 256);
+    let mut x: Vec<f32> = (0..rows * k)
+        .map(|i| ((i % 17) as f32 - 8.0) / 9.0)
+        .collect();
+    x[2 * k + 100] = f32::NAN;
+    let w: Vec<f32> = (0..n * k).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+    let (q, s) = quantize_q4(&w, n, k, 32);
+    let mut y = vec![0f32; rows * n];
+    matmul_q4_forced(
+        Isa::detect(),
+        Path::Gemv,
+        &x,
+        rows,
+        &q,
+        &s,
+        32,
+        n,
+        k,
+        None,
+        &mut y,
+    );
+    for r in 0..rows {
+        let row = &y[r * n..(r + 1) * n];
+        if r == 2 {
+            assert!(row.iter().all(|v| v.is_nan()), "{row:?}");
+        } else {
+            assert!(row.iter().all(|v| v.is_finite()), "row {r}: {row:?}");
+        }
     }
 }
 

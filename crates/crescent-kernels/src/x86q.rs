@@ -803,7 +803,7 @@ unsafe fn gemv_q8_seq1_avx512(
     }
 }
 
-/// Whether this CPU has what [`gemv_q4_seq1_vnni`] needs (AVX-512 BW + VNNI; checked once).
+/// Whether this CPU has what [`gemv_q4_vnni`] needs (AVX-512 BW + VNNI; checked once).
 pub(crate) fn has_vnni() -> bool {
     static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
@@ -816,7 +816,7 @@ pub(crate) fn q4_vnni_xq_len(k: usize) -> usize {
     k.div_ceil(128) * 128
 }
 
-/// Quantizes one row of x for [`gemv_q4_seq1_vnni`] (`group == 32`, `k % 64 == 0`): per group
+/// Quantizes one row of x for [`gemv_q4_vnni`] (`group == 32`, `k % 64 == 0`): per group
 /// of 32, `sx = max|x| / 127` and `xq = round(x / sx)` (int8), laid out per block of 128
 /// columns as `[64 even columns | 64 odd columns]` (the byte order of a cache line of weights
 /// split into low and high nibbles; a last half block is zero-padded to 128), plus
@@ -861,24 +861,72 @@ unsafe fn prepare_q4_x_vnni_512(x: &[f32], xq: &mut [i8], sx: &mut [f32], c: &mu
     }
 }
 
-/// Single-row int4 GEMV with integer dot products (AVX-512 VNNI): x is quantized to int8 per
-/// group of 32 ([`prepare_q4_x_vnni`]). A cache line of weights (128 columns, four groups) is
-/// split into its low and high nibbles and takes two `vpdpbusd` (nibbles × int8, exact in i32)
-/// into one i32 vector whose lanes 4g..4g+3 belong to group g, one conversion, one permute
-/// that spreads the four groups' `scale_w · scale_x` over their lanes (computed 16 groups at a
-/// time with one vector multiply) and one FMA — 10 instructions per 128 weights (the previous
-/// version, one `vpdpbusd` per 64 weights with scalar scale products, took ~20 per 64 and was
-/// compute-bound at ≈ 40 GB/s). The offset terms are one FMA per 16 groups.
-/// Error: that of int8 activations, `|Δ| ≤ Σ |ŵ| · max|x_group| / 254` (exact otherwise).
+/// Rows of x per pass of [`gemv_q4_vnni`] (registers: 2 accumulators + 1 offset + 1 scale
+/// vector per row).
+pub(crate) const VNNI_ROWS: usize = 4;
+
+/// int4 GEMV with integer dot products (AVX-512 VNNI) for up to a few dozen rows of x: each
+/// row of x is quantized to int8 per group of 32 ([`prepare_q4_x_vnni`]). A cache line of
+/// weights (128 columns, four groups) is split into its low and high nibbles once and, for each
+/// row of x, takes two `vpdpbusd` (nibbles × int8, exact in i32) into one i32 vector whose lane
+/// quads are the four groups, one conversion, one permute that spreads the four groups'
+/// `scale_w · scale_x` over their lanes (products computed 16 groups at a time) and one FMA —
+/// 5 instructions per 128 weights and row, plus 4 per 128 weights shared by the rows (the f32
+/// path dequantizes, then spends 16 per 128 weights and row). The offset terms are one FMA per
+/// 16 groups. Rows of x go in passes of [`VNNI_ROWS`]; a weight row (≤ a few KiB) stays in
+/// L1 between passes. Output `y[r·ld + o]`.
+/// Error: that of int8 activations, `|Δ| ≤ Σ |ŵ| · max|x_group| / 254` per row (exact
+/// otherwise).
 ///
 /// # Safety
 /// AVX-512F/BW/VNNI and the module's features; `group == 32`, `k % 64 == 0`; `xq` has
-/// [`q4_vnni_xq_len`]`(k)` bytes and `sx`, `c` `k / 32` floats from [`prepare_q4_x_vnni`]; `w`
-/// points to `nrows * k / 2` readable bytes, `scales` to `nrows * k / 32` halves; `y` (and
-/// `bias` if not null) have `nrows` floats, `y` written by nobody else.
+/// `rows · `[`q4_vnni_xq_len`]`(k)` bytes and `sx`, `c` `rows · k / 32` floats from
+/// [`prepare_q4_x_vnni`] (row after row); `w` points to `nrows * k / 2` readable bytes,
+/// `scales` to `nrows * k / 32` halves; `y` to `(rows − 1)·ld + nrows` floats written by
+/// nobody else, `bias` (if not null) to `nrows` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemv_q4_seq1_vnni(
+pub(crate) unsafe fn gemv_q4_vnni(
+    xq: *const i8,
+    sx: *const f32,
+    c: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const u8,
+    scales: *const f16,
+    nrows: usize,
+    bias: *const f32,
+    y: *mut f32,
+    ld: usize,
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let rc = (rows - r0).min(VNNI_ROWS);
+        let xl = q4_vnni_xq_len(k);
+        let (xq, sx, c, y) = (
+            xq.add(r0 * xl),
+            sx.add(r0 * (k / 32)),
+            c.add(r0 * (k / 32)),
+            y.add(r0 * ld),
+        );
+        match rc {
+            1 => q4_vnni_pass::<1>(xq, sx, c, k, w, scales, nrows, bias, y, ld),
+            2 => q4_vnni_pass::<2>(xq, sx, c, k, w, scales, nrows, bias, y, ld),
+            3 => q4_vnni_pass::<3>(xq, sx, c, k, w, scales, nrows, bias, y, ld),
+            _ => q4_vnni_pass::<4>(xq, sx, c, k, w, scales, nrows, bias, y, ld),
+        }
+        r0 += rc;
+    }
+}
+
+/// One pass of [`gemv_q4_vnni`] over `R` rows of x.
+///
+/// # Safety
+/// As [`gemv_q4_vnni`] with `rows = R`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // const-size loops
+unsafe fn q4_vnni_pass<const R: usize>(
     xq: *const i8,
     sx: *const f32,
     c: *const f32,
@@ -888,105 +936,79 @@ pub(crate) unsafe fn gemv_q4_seq1_vnni(
     nrows: usize,
     bias: *const f32,
     y: *mut f32,
+    ld: usize,
 ) {
     let gpr = k / 32;
+    let xl = q4_vnni_xq_len(k);
     let row_bytes = k / 2;
     let full_blocks = k / 128;
+    let full_chunks = gpr / 16;
     let nib = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     // Lane l of block j (of a chunk of 16 groups) takes the scale of group 4j + l / 4.
     let idx = [0, 1, 2, 3].map(|j: i32| {
-        _mm512_setr_epi32(
-            4 * j,
-            4 * j,
-            4 * j,
-            4 * j,
-            4 * j + 1,
-            4 * j + 1,
-            4 * j + 1,
-            4 * j + 1,
-            4 * j + 2,
-            4 * j + 2,
-            4 * j + 2,
-            4 * j + 2,
-            4 * j + 3,
-            4 * j + 3,
-            4 * j + 3,
-            4 * j + 3,
-        )
+        let (a, b, c, d) = (4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3);
+        _mm512_setr_epi32(a, a, a, a, b, b, b, b, c, c, c, c, d, d, d, d)
     });
-    // One block (cache line) `b` of the row into `acc`, with the chunk's scales `s`.
-    macro_rules! block {
-        ($wr:expr, $b:expr, $ix:expr, $s:expr, $acc:expr, $full:expr) => {{
-            let b = $b;
-            let wp = $wr.add(64 * b);
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(SEQ_PF_BYTES).cast::<i8>());
-            let wv = if $full {
-                _mm512_loadu_si512(wp.cast::<__m512i>())
+    for o in 0..nrows {
+        let wr = w.add(o * row_bytes);
+        let sr = scales.add(o * gpr);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut cv = [_mm512_setzero_ps(); R];
+        let mut g0 = 0;
+        while g0 < gpr {
+            // A chunk of up to 16 groups (the last may be partial: 2..14 groups).
+            let ng = (gpr - g0).min(16);
+            let m: __mmask16 = if ng == 16 { 0xFFFF } else { (1u16 << ng) - 1 };
+            let ws = if ng == 16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(sr.add(g0).cast::<__m256i>()))
             } else {
-                // The last half block: 32 bytes (its x half is zero-padded).
-                _mm512_maskz_loadu_epi8(0xFFFF_FFFF, wp.cast::<i8>())
-            };
-            let lo = _mm512_and_si512(wv, nib);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
-            let xp = xq.add(128 * b);
-            let d = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xp.cast::<__m512i>()));
-            let d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xp.add(64).cast::<__m512i>()));
-            $acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps($ix, $s), $acc);
-        }};
-    }
-    let full_chunks = gpr / 16;
-    // One full chunk (16 groups, 4 blocks) of a row.
-    macro_rules! chunk {
-        ($wr:expr, $sr:expr, $ch:expr, $acc:expr, $cv:expr) => {{
-            let g0 = 16 * $ch;
-            let ws = _mm512_cvtph_ps(_mm256_loadu_si256($sr.add(g0).cast::<__m256i>()));
-            let s = _mm512_mul_ps(ws, _mm512_loadu_ps(sx.add(g0)));
-            $cv = _mm512_fmadd_ps(ws, _mm512_loadu_ps(c.add(g0)), $cv);
-            let b0 = 4 * $ch;
-            block!($wr, b0, idx[0], s, $acc[0], true);
-            block!($wr, b0 + 1, idx[1], s, $acc[1], true);
-            block!($wr, b0 + 2, idx[2], s, $acc[2], true);
-            block!($wr, b0 + 3, idx[3], s, $acc[3], true);
-        }};
-    }
-    // The rest of a row after its full chunks, then its output.
-    macro_rules! finish {
-        ($o:expr, $wr:expr, $sr:expr, $acc:expr, $cv:expr) => {{
-            let g0 = 16 * full_chunks;
-            if g0 < gpr {
-                // A last partial chunk (2..14 groups).
-                let ng = gpr - g0;
-                let m: __mmask16 = (1u16 << ng) - 1;
-                let ws = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(
+                _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(
                     u32::from(m),
-                    $sr.add(g0).cast::<i16>(),
-                )));
-                let s = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, sx.add(g0)));
-                $cv = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(m, c.add(g0)), $cv);
-                for j in 0..ng.div_ceil(4) {
-                    let b = g0 / 4 + j;
-                    block!($wr, b, idx[j], s, $acc[j], b < full_blocks);
+                    sr.add(g0).cast::<i16>(),
+                )))
+            };
+            let mut sv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let off = r * gpr + g0;
+                sv[r] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(m, sx.add(off)));
+                cv[r] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(m, c.add(off)), cv[r]);
+            }
+            let nb = ng.div_ceil(4);
+            let full = g0 / 16 < full_chunks;
+            for j in 0..4 {
+                if !full && j >= nb {
+                    break;
+                }
+                let b = g0 / 4 + j;
+                let wp = wr.add(64 * b);
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(SEQ_PF_BYTES).cast::<i8>());
+                let wv = if b < full_blocks {
+                    _mm512_loadu_si512(wp.cast::<__m512i>())
+                } else {
+                    // The last half block: 32 bytes (its x half is zero-padded).
+                    _mm512_maskz_loadu_epi8(0xFFFF_FFFF, wp.cast::<i8>())
+                };
+                let lo = _mm512_and_si512(wv, nib);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
+                for r in 0..R {
+                    let xp = xq.add(r * xl + 128 * b);
+                    let d = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xp.cast()));
+                    let d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xp.add(64).cast()));
+                    let a = &mut acc[r][j % 2];
+                    *a = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(d),
+                        _mm512_permutexvar_ps(idx[j], sv[r]),
+                        *a,
+                    );
                 }
             }
-            let t = _mm512_add_ps(
-                _mm512_add_ps($acc[0], $acc[1]),
-                _mm512_add_ps($acc[2], $acc[3]),
-            );
-            let mut v = _mm512_reduce_add_ps(_mm512_add_ps(t, $cv));
-            if !bias.is_null() {
-                v += *bias.add($o);
-            }
-            *y.add($o) = v;
-        }};
-    }
-    for o in 0..nrows {
-        let (wr, sr) = (w.add(o * row_bytes), scales.add(o * gpr));
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut cv = _mm512_setzero_ps();
-        for ch in 0..full_chunks {
-            chunk!(wr, sr, ch, acc, cv);
+            g0 += 16;
         }
-        finish!(o, wr, sr, acc, cv);
+        let b = if bias.is_null() { 0.0 } else { *bias.add(o) };
+        for r in 0..R {
+            let t = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), cv[r]);
+            *y.add(r * ld + o) = _mm512_reduce_add_ps(t) + b;
+        }
     }
 }
