@@ -337,6 +337,28 @@ fn quantized_runs_produce_api_outputs() {
             assert!(v.get(key).is_some(), "{skill} {quant}: {v}");
         }
     }
+    // The KV-cache element type can be chosen either way (auto: f16 with --quantize).
+    for extra in [
+        &["--kv-dtype", "f16"][..],
+        &["--kv-dtype", "f32"],
+        &["--quantize", "int8", "--kv-dtype", "f32"],
+        &["--quantize", "int4", "--kv-dtype", "f16"],
+    ] {
+        let mut args = vec![
+            "caption",
+            "--model",
+            FIXTURE,
+            "--image",
+            path_str(&image),
+            "--max-tokens",
+            "4",
+        ];
+        args.extend(extra);
+        let run = crescent(&args);
+        assert_eq!(run.code, Some(0), "{args:?}: {}", run.stderr);
+        let v: Value = serde_json::from_str(run.stdout.trim()).expect("one JSON object");
+        assert!(v["caption"].is_string(), "{args:?}: {v}");
+    }
 }
 
 #[test]
@@ -374,6 +396,7 @@ fn usage_errors_are_one_line() {
             vec!["--spatial-ref", "got 3"],
         ),
         (q(&["--quantize", "int3"]), vec!["--quantize", "int3"]),
+        (q(&["--kv-dtype", "f8"]), vec!["--kv-dtype", "f8"]),
     ];
     for (args, needles) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
