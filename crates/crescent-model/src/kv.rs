@@ -7,7 +7,7 @@
 //! or f16 ([`KvDtype`]: half the bytes read per decode step and twice the positions per MiB).
 
 use half::f16;
-use half::slice::HalfBitsSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
@@ -240,9 +240,20 @@ impl KvPool {
         match &mut self.data {
             KvData::F32(d) => d[o..o + self.head_dim].copy_from_slice(v),
             KvData::F16(d) => {
-                for (a, &x) in d[o..o + self.head_dim].iter_mut().zip(v) {
-                    // Saturate instead of overflowing to ±∞ (NaN stays NaN).
-                    *a = f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits();
+                // Saturate instead of overflowing to ±∞ (NaN stays NaN), then convert the whole
+                // vector at once (F16C when available).
+                let mut tmp = [0f32; 256];
+                let dst = d[o..o + self.head_dim].reinterpret_cast_mut::<f16>();
+                if self.head_dim <= tmp.len() {
+                    let t = &mut tmp[..self.head_dim];
+                    for (a, &x) in t.iter_mut().zip(v) {
+                        *a = x.clamp(-65504.0, 65504.0);
+                    }
+                    dst.convert_from_f32_slice(t);
+                } else {
+                    for (a, &x) in dst.iter_mut().zip(v) {
+                        *a = f16::from_f32(x.clamp(-65504.0, 65504.0));
+                    }
                 }
             }
         }
