@@ -2,8 +2,10 @@
 //! holding a table of block ids. Blocks are reference counted so that several sequences (and the
 //! prefix cache) can share the blocks of a common prefix (BOS + image).
 //!
-//! Layout of one block: `[layer][k|v][kv_head][slot][head_dim]`, keys after RoPE and values
-//! after tau scaling (spec §6.9), stored as f32 (exact, the default with full-precision weights)
+//! Layout: `[layer][k|v][block][kv_head][slot][head_dim]` — one block's keys (or values) of one
+//! layer are a contiguous `[kv_head][slot][head_dim]` slab, and a layer's slabs of consecutive
+//! blocks are adjacent, so decode attention over a sequence's (mostly consecutive) blocks reads
+//! long contiguous runs. Keys after RoPE and values after tau scaling (spec §6.9), stored as f32 (exact, the default with full-precision weights)
 //! or f16 ([`KvDtype`]: half the bytes read per decode step and twice the positions per MiB).
 
 use half::f16;
@@ -69,7 +71,6 @@ pub struct KvPool {
     n_layers: usize,
     heads: usize,
     head_dim: usize,
-    block_len: usize,
     data: KvData,
     refcnt: Vec<u32>,
     free: Vec<u32>,
@@ -88,7 +89,6 @@ impl KvPool {
             n_layers: cfg.n_layers,
             heads,
             head_dim,
-            block_len,
             // Zeroed (lazily backed) allocations, backed by huge pages as they are touched:
             // decode streams the cache every step.
             data: match dtype {
@@ -174,9 +174,14 @@ impl KvPool {
         }
     }
 
+    /// Elements of one (layer, k|v) slab of one block: `[head][slot][head_dim]`.
+    fn slab_len(&self) -> usize {
+        self.heads * self.block_size * self.head_dim
+    }
+
     fn offset(&self, block: u32, layer: usize, kv: usize, head: usize, slot: usize) -> usize {
-        block as usize * self.block_len
-            + (((layer * 2 + kv) * self.heads + head) * self.block_size + slot) * self.head_dim
+        ((layer * 2 + kv) * self.total_blocks() + block as usize) * self.slab_len()
+            + (head * self.block_size + slot) * self.head_dim
     }
 
     /// Key (kv = 0) or value (kv = 1) vector of one head at one position of a sequence, as f32
@@ -260,10 +265,16 @@ impl KvPool {
     }
 
     fn copy_block(&mut self, from: u32, to: u32) {
-        let (f, t) = (from as usize * self.block_len, to as usize * self.block_len);
-        match &mut self.data {
-            KvData::F32(d) => d.copy_within(f..f + self.block_len, t),
-            KvData::F16(d) => d.copy_within(f..f + self.block_len, t),
+        let n = self.slab_len();
+        for lk in 0..self.n_layers * 2 {
+            let (f, t) = (
+                self.offset(from, lk / 2, lk % 2, 0, 0),
+                self.offset(to, lk / 2, lk % 2, 0, 0),
+            );
+            match &mut self.data {
+                KvData::F32(d) => d.copy_within(f..f + n, t),
+                KvData::F16(d) => d.copy_within(f..f + n, t),
+            }
         }
     }
 
