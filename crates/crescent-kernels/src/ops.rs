@@ -205,8 +205,62 @@ fn fold(acc: [f32; L]) -> f32 {
     (q[0] + q[2]) + (q[1] + q[3])
 }
 
+/// Element types the row kernels read (cached keys / values: f32, or f16 widened exactly).
+pub(crate) trait Row: Copy {
+    /// The value as f32 (exact).
+    fn get(self) -> f32;
+    /// 8 consecutive values as f32.
+    ///
+    /// # Safety
+    /// `p .. p + 8` readable; AVX2 + F16C available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> core::arch::x86_64::__m256;
+    /// 16 consecutive values as f32.
+    ///
+    /// # Safety
+    /// `p .. p + 16` readable; AVX-512F available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> core::arch::x86_64::__m512;
+}
+
+impl Row for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> core::arch::x86_64::__m256 {
+        core::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> core::arch::x86_64::__m512 {
+        core::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl Row for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> core::arch::x86_64::__m512 {
+        use core::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>()))
+    }
+}
+
 #[inline(always)]
-fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+fn dot_impl<R: Row>(a: &[f32], b: &[R]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; L];
@@ -214,11 +268,11 @@ fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     let mut cb = b.chunks_exact(L);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for i in 0..L {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].get();
         }
     }
     for (i, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[i] += x * y;
+        acc[i] += x * y.get();
     }
     fold(acc)
 }
@@ -229,7 +283,7 @@ dispatch!(
 );
 
 #[inline(always)]
-fn dot_rows_impl(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
+fn dot_rows_impl<R: Row>(q: &[f32], rows: &[R], scale: f32, out: &mut [f32]) {
     let d = q.len();
     for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
         *o = dot_impl(q, r) * scale;
@@ -237,11 +291,11 @@ fn dot_rows_impl(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
 }
 
 #[inline(always)]
-fn axpy_rows_impl(w: &[f32], rows: &[f32], out: &mut [f32]) {
+fn axpy_rows_impl<R: Row>(w: &[f32], rows: &[R], out: &mut [f32]) {
     let d = out.len();
     for (&ws, r) in w.iter().zip(rows.chunks_exact(d)) {
         for (o, v) in out.iter_mut().zip(r) {
-            *o += ws * v;
+            *o += ws * v.get();
         }
     }
 }
@@ -249,11 +303,35 @@ fn axpy_rows_impl(w: &[f32], rows: &[f32], out: &mut [f32]) {
 /// `out[s] = scale · (q · rows[s])` for each `q.len()`-wide row of `rows` (attention scores
 /// of one query against a run of cached keys). Same summation order as [`dot`] on every ISA.
 pub fn dot_rows(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
+    dot_rows_generic(q, rows, scale, out)
+}
+
+/// [`dot_rows`] over f16 rows (an f16 KV cache): each key is widened to f32 exactly, then the
+/// same arithmetic in the same order as [`dot_rows`], so results equal `dot_rows` on the
+/// widened keys, on every ISA.
+pub fn dot_rows_f16(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
+    dot_rows_generic(q, rows, scale, out)
+}
+
+/// `out += Σ_s w[s] · rows[s]` for each `out.len()`-wide row of `rows` (attention's weighted
+/// sum of a run of cached values). Same results on every ISA.
+pub fn axpy_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+    axpy_rows_generic(w, rows, out)
+}
+
+/// [`axpy_rows`] over f16 rows (an f16 KV cache's values), widened exactly; same results as
+/// `axpy_rows` on the widened values, on every ISA.
+pub fn axpy_rows_f16(w: &[f32], rows: &[f16], out: &mut [f32]) {
+    axpy_rows_generic(w, rows, out)
+}
+
+fn dot_rows_generic<R: Row>(q: &[f32], rows: &[R], scale: f32, out: &mut [f32]) {
     let d = q.len();
     assert!(d > 0 && rows.len() >= out.len() * d);
     #[cfg(target_arch = "x86_64")]
     if Isa::detect().has_avx2() {
-        // SAFETY: AVX2 was detected; `rows` holds `out.len()` rows of `d` floats (asserted).
+        // SAFETY: AVX2 + F16C were detected (`Isa::Avx2Fma` and up), AVX-512F too for the zmm
+        // kernel; `rows` holds `out.len()` rows of `d` elements (asserted).
         unsafe {
             if Isa::detect() == Isa::Avx512 {
                 x86::dot_rows_512(q, rows, scale, out)
@@ -266,82 +344,17 @@ pub fn dot_rows(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
     dot_rows_impl(q, rows, scale, out)
 }
 
-/// `out += Σ_s w[s] · rows[s]` for each `out.len()`-wide row of `rows` (attention's weighted
-/// sum of a run of cached values). Same results on every ISA.
-pub fn axpy_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+fn axpy_rows_generic<R: Row>(w: &[f32], rows: &[R], out: &mut [f32]) {
     let d = out.len();
     assert!(d > 0 && rows.len() >= w.len() * d);
     #[cfg(target_arch = "x86_64")]
     if Isa::detect().has_avx2() {
-        // SAFETY: AVX2 was detected; `rows` holds `w.len()` rows of `d` floats (asserted).
+        // SAFETY: AVX2 + F16C were detected; `rows` holds `w.len()` rows of `d` elements
+        // (asserted).
         unsafe { x86::axpy_rows(w, rows, out) };
         return;
     }
     axpy_rows_impl(w, rows, out)
-}
-
-#[inline(always)]
-fn dot_rows_f16_impl(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
-    let d = q.len();
-    let mut r32 = [0f32; 256];
-    for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
-        // (head_dim ≤ 256 for every model here; longer rows take the slow path.)
-        if d <= r32.len() {
-            for (a, b) in r32.iter_mut().zip(r) {
-                *a = b.to_f32();
-            }
-            *o = dot_impl(q, &r32[..d]) * scale;
-        } else {
-            let r: Vec<f32> = r.iter().map(|v| v.to_f32()).collect();
-            *o = dot_impl(q, &r) * scale;
-        }
-    }
-}
-
-#[inline(always)]
-fn axpy_rows_f16_impl(w: &[f32], rows: &[f16], out: &mut [f32]) {
-    let d = out.len();
-    for (&ws, r) in w.iter().zip(rows.chunks_exact(d)) {
-        for (o, v) in out.iter_mut().zip(r) {
-            *o += ws * v.to_f32();
-        }
-    }
-}
-
-/// [`dot_rows`] over f16 rows (an f16 KV cache): each key is widened to f32 exactly, then the
-/// same arithmetic in the same order as [`dot_rows`], so results equal `dot_rows` on the
-/// widened keys, on every ISA.
-pub fn dot_rows_f16(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
-    let d = q.len();
-    assert!(d > 0 && rows.len() >= out.len() * d);
-    #[cfg(target_arch = "x86_64")]
-    if Isa::detect().has_avx2() {
-        // SAFETY: AVX2 + F16C were detected (`Isa::Avx2Fma` and up); `rows` holds `out.len()`
-        // rows of `d` halves (asserted).
-        unsafe {
-            if Isa::detect() == Isa::Avx512 {
-                x86::dot_rows_512(q, rows, scale, out)
-            } else {
-                x86::dot_rows_f16(q, rows, scale, out)
-            }
-        };
-        return;
-    }
-    dot_rows_f16_impl(q, rows, scale, out)
-}
-
-/// [`axpy_rows`] over f16 rows (an f16 KV cache's values), widened exactly; same results as
-/// `axpy_rows` on the widened values, on every ISA.
-pub fn axpy_rows_f16(w: &[f32], rows: &[f16], out: &mut [f32]) {
-    let d = out.len();
-    assert!(d > 0 && rows.len() >= w.len() * d);
-    #[cfg(target_arch = "x86_64")]
-    if Isa::detect().has_avx2() {
-        // SAFETY: AVX2 + F16C were detected; `rows` holds `w.len()` rows of `d` halves (asserted).
-        unsafe { x86::axpy_rows_f16(w, rows, out) };
-        return;
-    }
-    axpy_rows_f16_impl(w, rows, out)
 }
 
 /// AVX2 versions of the row kernels (LLVM's auto-vectoriser produced 2-lane code for the
@@ -349,47 +362,9 @@ pub fn axpy_rows_f16(w: &[f32], rows: &[f16], out: &mut [f32]) {
 /// order, so results are bit-identical to it.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use half::f16;
     use std::arch::x86_64::*;
 
-    /// Element types of cached keys/values: 8 consecutive ones as f32 (exact).
-    pub(super) trait Row: Copy {
-        /// # Safety
-        /// `p .. p + 8` readable; AVX2 + F16C available.
-        unsafe fn load8(p: *const Self) -> __m256;
-        /// # Safety
-        /// `p .. p + 16` readable; AVX-512F available.
-        unsafe fn load16(p: *const Self) -> __m512;
-        fn get(self) -> f32;
-    }
-    impl Row for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn load16(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        fn get(self) -> f32 {
-            self
-        }
-    }
-    impl Row for f16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
-        }
-        #[inline(always)]
-        unsafe fn load16(p: *const f16) -> __m512 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>()))
-        }
-        #[inline(always)]
-        fn get(self) -> f32 {
-            self.to_f32()
-        }
-    }
+    use super::Row;
 
     /// # Safety
     /// AVX2 + F16C available; `rows.len() >= out.len() * q.len()`.
@@ -572,28 +547,14 @@ mod x86 {
     /// # Safety
     /// AVX2 + F16C available; `rows.len() >= out.len() * q.len()`.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dot_rows(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
-        dot_rows_any(q, rows, scale, out)
-    }
-
-    /// # Safety
-    /// AVX2 + F16C available; `rows.len() >= out.len() * q.len()`.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dot_rows_f16(q: &[f32], rows: &[f16], scale: f32, out: &mut [f32]) {
+    pub(super) unsafe fn dot_rows<R: Row>(q: &[f32], rows: &[R], scale: f32, out: &mut [f32]) {
         dot_rows_any(q, rows, scale, out)
     }
 
     /// # Safety
     /// AVX2 + F16C available; `rows.len() >= w.len() * out.len()`.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn axpy_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
-        axpy_rows_any(w, rows, out)
-    }
-
-    /// # Safety
-    /// AVX2 + F16C available; `rows.len() >= w.len() * out.len()`.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn axpy_rows_f16(w: &[f32], rows: &[f16], out: &mut [f32]) {
+    pub(super) unsafe fn axpy_rows<R: Row>(w: &[f32], rows: &[R], out: &mut [f32]) {
         axpy_rows_any(w, rows, out)
     }
 }
@@ -816,13 +777,13 @@ mod tests {
             let rw: Vec<f32> = rh.iter().map(|v| v.to_f32()).collect();
             let (mut a, mut b, mut c) = (vec![0f32; 9], vec![0f32; 9], vec![0f32; 9]);
             dot_rows_f16(q, &rh, 0.3, &mut a);
-            dot_rows_f16_impl(q, &rh, 0.3, &mut b);
+            dot_rows_impl(q, &rh, 0.3, &mut b);
             dot_rows(q, &rw, 0.3, &mut c);
             assert_eq!(a, b, "dot_rows_f16 d={d}");
             assert_eq!(a, c, "dot_rows_f16 vs f32 d={d}");
             let (mut a, mut b, mut c) = (q.to_vec(), q.to_vec(), q.to_vec());
             axpy_rows_f16(&xs[500..509], &rh, &mut a);
-            axpy_rows_f16_impl(&xs[500..509], &rh, &mut b);
+            axpy_rows_impl(&xs[500..509], &rh, &mut b);
             axpy_rows(&xs[500..509], &rw, &mut c);
             assert_eq!(a, b, "axpy_rows_f16 d={d}");
             assert_eq!(a, c, "axpy_rows_f16 vs f32 d={d}");
@@ -845,7 +806,7 @@ mod tests {
             dot_rows_impl(q, &rows, 0.3, &mut b);
             assert_eq!(a, b, "dot_rows n={n} d={d}");
             dot_rows_f16(q, &rh, 0.3, &mut a);
-            dot_rows_f16_impl(q, &rh, 0.3, &mut b);
+            dot_rows_impl(q, &rh, 0.3, &mut b);
             assert_eq!(a, b, "dot_rows_f16 n={n} d={d}");
         }
     }
