@@ -448,31 +448,35 @@ impl TextDecoder {
         for (li, blk) in self.blocks.iter().enumerate() {
             let mut bt = trace.as_ref().map(|_| BlockTrace::default());
             let h = blk.ln.forward(&x)?;
-            let a = {
-                let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
-                self.attention(
-                    &h,
-                    blk,
-                    li,
-                    pool,
-                    &kvs,
-                    &rows,
-                    &positions,
-                    &rope,
-                    bt.as_mut(),
-                )?
-            };
-            let m = match &blk.mlp {
-                Mlp::Dense { fc1, fc2 } => fc2.forward(&gelu_tanh(&fc1.forward(&h)?)?)?,
-                Mlp::Moe {
-                    router,
-                    fc1,
-                    fc2,
-                    top_k,
-                    inner,
-                } => moe(&h, router, fc1, fc2, *top_k, *inner, bt.as_mut())?,
-            };
+            // Parallel residual (spec §6.3): attention and the MLP both read `h` and nothing of
+            // each other, so they run side by side. In decode both are streams through memory
+            // (the KV cache, the selected weights) separated by short serial steps; interleaved,
+            // each one's serial steps and fork/join gaps are covered by the other's work.
+            let mut mt = bt.as_ref().map(|_| BlockTrace::default());
+            let kvs: Vec<&SeqKv> = seqs.iter().map(|s| &*s.kv).collect();
+            let (a, m) = rayon::join(
+                || {
+                    self.attention(
+                        &h,
+                        blk,
+                        li,
+                        pool,
+                        &kvs,
+                        &rows,
+                        &positions,
+                        &rope,
+                        bt.as_mut(),
+                    )
+                },
+                || Self::mlp(&blk.mlp, &h, mt.as_mut()),
+            );
+            let (a, m) = (a?, m?);
             x = ((x + a)? + &m)?;
+            if let (Some(b), Some(t)) = (bt.as_mut(), mt) {
+                b.router_logits = t.router_logits;
+                b.topk_ids = t.topk_ids;
+                b.topk_weights = t.topk_weights;
+            }
             if let (Some(tr), Some(mut b)) = (trace.as_deref_mut(), bt) {
                 b.ln_out = Some(h);
                 b.mlp_out = Some(m);
@@ -488,6 +492,20 @@ impl TextDecoder {
             off += r.t;
         }
         Ok(out)
+    }
+
+    /// The block's MLP (dense GELU or mixture of experts) of `h` `[N, D]`.
+    fn mlp(mlp: &Mlp, h: &Tensor, trace: Option<&mut BlockTrace>) -> Result<Tensor> {
+        Ok(match mlp {
+            Mlp::Dense { fc1, fc2 } => fc2.forward(&gelu_tanh(&fc1.forward(h)?)?)?,
+            Mlp::Moe {
+                router,
+                fc1,
+                fc2,
+                top_k,
+                inner,
+            } => moe(h, router, fc1, fc2, *top_k, *inner, trace)?,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
