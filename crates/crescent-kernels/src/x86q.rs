@@ -960,6 +960,9 @@ unsafe fn q4_vnni_pass<const R: usize>(
             // A chunk of up to 16 groups (the last may be partial: 2..14 groups).
             let ng = (gpr - g0).min(16);
             let m: __mmask16 = if ng == 16 { 0xFFFF } else { (1u16 << ng) - 1 };
+            // The scales are a second stream (1 byte per 8 of weights): prefetched as far
+            // ahead as the weights, so their first use does not wait on DRAM.
+            _mm_prefetch::<_MM_HINT_T0>(sr.add(g0).cast::<i8>().wrapping_add(SEQ_PF_BYTES / 8));
             let ws = if ng == 16 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(sr.add(g0).cast::<__m256i>()))
             } else {
