@@ -146,6 +146,8 @@ fn real_main() -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: keep activation buffers in malloc's heaps (see the function).
+    crescent_kernels::tune_allocator();
     install_panic_hook();
     match catch_unwind(AssertUnwindSafe(real_main)) {
         Ok(code) => code,
