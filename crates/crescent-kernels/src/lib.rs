@@ -137,7 +137,9 @@ pub use quant::{
     dequantize_q4_row, dequantize_q8_row, matmul_q4, matmul_q4_forced, matmul_q8, matmul_q8_forced,
     quantize_q4, quantize_q8, Q4_GROUP,
 };
-pub use util::{advise_huge_pages, huge_vec, on_pool, tune_allocator, ALLOCATOR_RETAIN_BYTES};
+pub use util::{
+    advise_huge_pages, huge_vec, on_pool, prefetch_slice, tune_allocator, ALLOCATOR_RETAIN_BYTES,
+};
 pub use weights::WeightElem;
 
 /// Calls with at most this many rows of `x` always use the GEMV path

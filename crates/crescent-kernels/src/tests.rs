@@ -724,3 +724,15 @@ fn strided_gemm_matches_naive() {
         }
     }
 }
+
+/// `prefetch_slice` is a hint: any length (empty, shorter than a line, ending mid-line) is
+/// accepted and the data is left as it was.
+#[test]
+fn prefetch_slice_any_length_leaves_data() {
+    let v: Vec<u16> = (0..1000u16).collect();
+    for (a, b) in [(0, 0), (3, 4), (1, 999), (0, 1000)] {
+        crate::prefetch_slice(&v[a..b]);
+    }
+    crate::prefetch_slice::<f32>(&[]);
+    assert!(v.iter().enumerate().all(|(i, &x)| x as usize == i));
+}
